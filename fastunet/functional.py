@@ -1,0 +1,104 @@
+"""The one dispatch point between the Triton kernels and the pure-PyTorch reference of each fused op.
+
+Every function here checks its inputs (raising before any computation), asks fastunet.backend which
+implementation to use, and calls it. Both implementations take the same arguments and return the same
+shapes and dtypes; the reference in fastunet.reference defines the result.
+"""
+
+import importlib
+
+from fastunet import reference
+from fastunet.backend import requested_backend, use_triton
+from fastunet.checks import check_same_device, check_tensor
+
+# op name -> module of fastunet.kernels that implements it with Triton (a function of the same name).
+TRITON_KERNELS = {}
+
+
+def _implementation(op_name, device):
+    """The function that runs `op_name` on `device` under the backend in force."""
+    if not use_triton(op_name, device):
+        return getattr(reference, op_name)
+    if op_name not in TRITON_KERNELS:
+        # Until an op has a kernel only its reference can run; asking for "triton" explicitly is an error.
+        if requested_backend() == "triton":
+            raise RuntimeError(f"fastunet backend 'triton' was requested for {op_name}, which has no Triton kernel yet")
+        return getattr(reference, op_name)
+    return getattr(importlib.import_module(TRITON_KERNELS[op_name]), op_name)
+
+
+def _check_scale_shift(where, x, scale, shift):
+    batch, channels = x.shape[:2]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            check_tensor(where, name, t, shape=(batch, channels))
+
+
+def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
+    """`silu?(group_norm(x) * (scale + 1) + shift)` in fp32 statistics, returned in x.dtype.
+
+    x (B, C, H, W) fp32/fp16/bf16, any strides; weight, bias (C,) or None; groups divides C;
+    scale, shift (B, C) or None (any float dtype).
+    """
+    where = "group_norm_act"
+    check_tensor(where, "x", x, ndim=4)
+    channels = x.shape[1]
+    if not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise ValueError(f"{where}: expected groups to be a positive int dividing the {channels} channels, got {groups!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(where, name, t, shape=(channels,))
+    _check_scale_shift(where, x, scale, shift)
+    check_same_device(where, x=x, weight=weight, bias=bias, scale=scale, shift=shift)
+    return _implementation(where, x.device)(x, weight, bias, groups, scale, shift, silu, eps)
+
+
+def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
+    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)` per pixel, in x.dtype.
+
+    x (B, C, H, W) fp32/fp16/bf16, any strides; g (C,); scale, shift (B, C) or None.
+    """
+    where = "rms_norm_act"
+    check_tensor(where, "x", x, ndim=4)
+    check_tensor(where, "g", g, shape=(x.shape[1],))
+    _check_scale_shift(where, x, scale, shift)
+    check_same_device(where, x=x, g=g, scale=scale, shift=shift)
+    return _implementation(where, x.device)(x, g, scale, shift, silu, eps)
+
+
+def _check_qkv(where, q, k, v, mem_k, mem_v, mem_shape):
+    check_tensor(where, "q", q, ndim=4)
+    check_tensor(where, "k", k, shape=q.shape)
+    check_tensor(where, "v", v, shape=q.shape)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{where}: expected {name} of q's dtype {q.dtype}, got {t.dtype}")
+    check_tensor(where, "mem_k", mem_k, shape=mem_shape)
+    check_tensor(where, "mem_v", mem_v, shape=mem_k.shape)
+    check_same_device(where, q=q, k=k, v=v, mem_k=mem_k, mem_v=mem_v)
+
+
+def attention(q, k, v, mem_k, mem_v, sdpa=False):
+    """`softmax(q [mem_k; k]^T * d^-0.5) [mem_v; v]`, returned in q.dtype.
+
+    q, k, v (B, heads, N, d), one dtype, any strides; mem_k, mem_v (heads, M, d), M >= 0.
+    sdpa: on the reference backend, use torch's scaled_dot_product_attention (the Triton kernel is
+    already a flash kernel and ignores it). Returns (B, heads, N, d).
+    """
+    where = "attention"
+    _check_qkv(where, q, k, v, mem_k, mem_v, (q.shape[1], None, q.shape[3]))
+    implementation = _implementation(where, q.device)
+    if implementation is reference.attention:
+        return implementation(q, k, v, mem_k, mem_v, sdpa=sdpa)
+    return implementation(q, k, v, mem_k, mem_v)
+
+
+def linear_attention(q, k, v, mem_k, mem_v):
+    """Upstream's linear attention with memory key/values, returned in q.dtype.
+
+    q, k, v (B, heads, d, N), one dtype, any strides; mem_k, mem_v (heads, d, M), M >= 0.
+    Returns (B, heads, d, N).
+    """
+    where = "linear_attention"
+    _check_qkv(where, q, k, v, mem_k, mem_v, (q.shape[1], q.shape[2], None))
+    return _implementation(where, q.device)(q, k, v, mem_k, mem_v)

@@ -1,0 +1,25 @@
+"""Reference for full attention over the layer's learned memory key/values followed by the image positions."""
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q, k, v, mem_k, mem_v, sdpa=False):
+    """`softmax(q [mem_k; k]^T * d^-0.5) [mem_v; v]`, non-causal, computed in fp32, returned in q.dtype.
+
+    q, k, v: (B, heads, N, d), any strides, one float dtype.
+    mem_k, mem_v: (heads, M, d), M >= 0, any float dtype; they come before the N image keys/values.
+    sdpa: compute with torch's scaled_dot_product_attention (any backend it picks) instead of einsum;
+        the same math, usually faster and lighter in memory.
+    Returns (B, heads, N, d).
+    """
+    batch = q.shape[0]
+    keys = torch.cat((mem_k.float().expand(batch, -1, -1, -1), k.float()), dim=2)
+    values = torch.cat((mem_v.float().expand(batch, -1, -1, -1), v.float()), dim=2)
+    query = q.float()
+    if sdpa:
+        out = F.scaled_dot_product_attention(query, keys, values)
+    else:
+        similarity = torch.einsum("b h i d, b h j d -> b h i j", query, keys) * q.shape[-1] ** -0.5
+        out = torch.einsum("b h i j, b h j d -> b h i d", similarity.softmax(dim=-1), values)
+    return out.to(q.dtype)

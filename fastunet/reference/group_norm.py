@@ -1,0 +1,23 @@
+"""Reference for the fused GroupNorm + time scale/shift + SiLU of every ResnetBlock (block_norm="group")."""
+
+import torch.nn.functional as F
+
+from fastunet.reference.scale_shift_act import scale_shift_act
+
+
+def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
+    """`silu?(group_norm(x) * (scale + 1) + shift)`, computed in fp32, returned in x.dtype.
+
+    x: (B, C, H, W) fp32/fp16/bf16, any strides.
+    weight, bias: (C,) or None (GroupNorm affine parameters, any float dtype).
+    groups: number of groups G, dividing C. Statistics are over (C/G, H, W) for each (batch, group).
+    scale, shift: (B, C) or None, any float dtype (the time MLP's output; fp32 under autocast is fine).
+    """
+    y = F.group_norm(
+        x.float(),
+        groups,
+        None if weight is None else weight.float(),
+        None if bias is None else bias.float(),
+        eps,
+    )
+    return scale_shift_act(y, scale, shift, silu).to(x.dtype)

@@ -1,0 +1,21 @@
+"""Reference for upstream's LinearAttention core, with the layer's learned memory key/values."""
+
+import torch
+
+
+def linear_attention(q, k, v, mem_k, mem_v):
+    """Upstream's linear attention, computed in fp32, returned in q.dtype.
+
+    q, k, v: (B, heads, d, N), any strides, one float dtype (N = H*W image positions).
+    mem_k, mem_v: (heads, d, M), M >= 0, any float dtype; prepended along positions.
+    q is softmaxed over d and then scaled by d^-0.5; [mem_k, k] is softmaxed over the M + N positions;
+    context = k v^T (d x d per head); out = context^T q.
+    Returns (B, heads, d, N).
+    """
+    batch, dim_head = q.shape[0], q.shape[2]
+    keys = torch.cat((mem_k.float().expand(batch, -1, -1, -1), k.float()), dim=-1)
+    values = torch.cat((mem_v.float().expand(batch, -1, -1, -1), v.float()), dim=-1)
+    query = q.float().softmax(dim=-2) * dim_head**-0.5
+    context = torch.einsum("b h d n, b h e n -> b h d e", keys.softmax(dim=-1), values)
+    out = torch.einsum("b h d e, b h d n -> b h e n", context, query)
+    return out.to(q.dtype)

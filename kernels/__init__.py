@@ -1,0 +1,12 @@
+"""Triton kernels of fastunet, installed as `fastunet.kernels` (the folder is top-level `kernels/` in the repo).
+
+Each module implements one fused op of fastunet.functional with the same name and arguments as its
+reference in fastunet.reference, as torch.library custom ops with fake and autograd registrations, and
+exposes `gpu_compile_configs()`: every (kernel, signature, constexprs, options) a GPU run can select, so that
+tests compile all of them ahead of time for sm_80 and sm_90 without a GPU.
+"""
+
+import os
+
+# Triton decides between the interpreter and the compiler when a kernel is decorated, i.e. at import.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

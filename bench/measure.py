@@ -1,0 +1,64 @@
+"""Timing and reporting shared by the benchmarks.
+
+pytest-benchmark times on the host; GPU work is asynchronous, so every timed call synchronizes, and the
+device-side median from triton.testing.do_bench (CUDA events, L2 flushed between runs) is recorded beside it in
+`extra_info` with the achieved bandwidth or throughput and its fraction of the measured limit.
+"""
+
+import functools
+
+import torch
+
+CUDA = torch.cuda.is_available()
+GPU_ONLY_REASON = "kernel timings are only meaningful on a CUDA GPU; none is present"
+
+
+def synchronized(fn):
+    """fn, followed by a device synchronize when on CUDA, so host timers see the work finish."""
+    if not CUDA:
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def device_ms(fn):
+    """Median device time of fn in milliseconds (CUDA events, L2 flushed before each run)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+@functools.lru_cache(maxsize=None)
+def hbm_bandwidth_gbs():
+    """Achievable HBM bandwidth of this GPU in GB/s: a 1 GiB device-to-device copy, bytes read + written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = device_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def run_benchmark(benchmark, fn, *, bytes_moved=None, flops=None, **info):
+    """Time fn with pytest-benchmark (synchronized) and, on CUDA, record the device median and throughput.
+
+    bytes_moved: the op's minimum HBM traffic (each input read once, each output written once).
+    flops: the op's floating-point operations, for TFLOP/s.
+    """
+    benchmark.extra_info.update(info)
+    if CUDA:
+        fn()  # compile and warm up outside the timed region
+        ms = device_ms(fn)
+        benchmark.extra_info["device"] = torch.cuda.get_device_name()
+        benchmark.extra_info["device_ms"] = ms
+        if bytes_moved is not None:
+            gbs = bytes_moved / ms / 1e6
+            benchmark.extra_info["GB/s"] = round(gbs, 1)
+            benchmark.extra_info["%HBM"] = round(100 * gbs / hbm_bandwidth_gbs(), 1)
+        if flops is not None:
+            benchmark.extra_info["TFLOP/s"] = round(flops / ms / 1e9, 1)
+    benchmark.extra_info["torch"] = torch.__version__
+    return benchmark(synchronized(fn))

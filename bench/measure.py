@@ -42,11 +42,12 @@ def hbm_bandwidth_gbs():
     return 2 * src.numel() / ms / 1e6
 
 
-def run_benchmark(benchmark, fn, *, bytes_moved=None, flops=None, **info):
+def run_benchmark(benchmark, fn, *, bytes_moved=None, flops=None, rounds=None, **info):
     """Time fn with pytest-benchmark (synchronized) and, on CUDA, record the device median and throughput.
 
     bytes_moved: the op's minimum HBM traffic (each input read once, each output written once).
     flops: the op's floating-point operations, for TFLOP/s.
+    rounds: a fixed number of timed rounds (after one warm-up) instead of pytest-benchmark's calibration.
     """
     benchmark.extra_info.update(info)
     if CUDA:
@@ -61,4 +62,6 @@ def run_benchmark(benchmark, fn, *, bytes_moved=None, flops=None, **info):
         if flops is not None:
             benchmark.extra_info["TFLOP/s"] = round(flops / ms / 1e9, 1)
     benchmark.extra_info["torch"] = torch.__version__
+    if rounds is not None:
+        return benchmark.pedantic(synchronized(fn), rounds=rounds, warmup_rounds=1)
     return benchmark(synchronized(fn))

@@ -1,0 +1,134 @@
+"""Upstream's building blocks with the same names, parameters and initialisation order, running their norms
+through fastunet.functional (Triton or reference, chosen there)."""
+
+import math
+
+import torch
+from einops.layers.torch import Rearrange
+from torch import nn
+
+from fastunet import functional
+
+BLOCK_NORMS = ("group", "rms")
+
+
+def Upsample(dim, dim_out=None):
+    """Nearest x2 then a 3x3 conv: (B, dim, H, W) -> (B, dim_out, 2H, 2W)."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out or dim, 3, padding=1))
+
+
+def Downsample(dim, dim_out=None):
+    """Pixel-unshuffle by 2 then a 1x1 conv: (B, dim, H, W) -> (B, dim_out, H/2, W/2)."""
+    return nn.Sequential(
+        Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2),
+        nn.Conv2d(dim * 4, dim_out or dim, 1),
+    )
+
+
+class RMSNorm(nn.Module):
+    """Channel RMSNorm of upstream 2.x: `x / max(||x||_2 over C, 1e-12) * sqrt(C) * g`, per pixel of (B, C, H, W)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = dim**0.5
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x, scale_shift=None, silu=False):
+        scale, shift = scale_shift if scale_shift is not None else (None, None)
+        return functional.rms_norm_act(x, self.g.view(-1), scale, shift, silu)
+
+
+class SinusoidalPosEmb(nn.Module):
+    """(B,) times -> (B, dim) fixed sinusoidal features."""
+
+    def __init__(self, dim, theta=10000):
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+
+    def forward(self, x):
+        half_dim = self.dim // 2
+        frequencies = torch.exp(torch.arange(half_dim, device=x.device) * -(math.log(self.theta) / (half_dim - 1)))
+        angles = x[:, None] * frequencies[None, :]
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class RandomOrLearnedSinusoidalPosEmb(nn.Module):
+    """(B,) times -> (B, dim + 1): the time itself, then random (or learned) Fourier features."""
+
+    def __init__(self, dim, is_random=False):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"learned_sinusoidal_dim must be even, got {dim}")
+        self.weights = nn.Parameter(torch.randn(dim // 2), requires_grad=not is_random)
+
+    def forward(self, x):
+        x = x[:, None]
+        angles = x * self.weights[None, :] * 2 * math.pi
+        return torch.cat((x, angles.sin(), angles.cos()), dim=-1)
+
+
+class Block(nn.Module):
+    """3x3 conv, norm, `* (scale + 1) + shift`, SiLU, dropout: (B, dim, H, W) -> (B, dim_out, H, W).
+
+    The norm, scale/shift and SiLU run as one fused op. block_norm "group" is nn.GroupNorm(groups, dim_out) as in
+    upstream 1.9-1.11.1 (keys norm.weight, norm.bias); "rms" is upstream 2.x's channel RMSNorm (key norm.g).
+    """
+
+    def __init__(self, dim, dim_out, dropout=0.0, *, groups=8, block_norm="group"):
+        super().__init__()
+        if block_norm not in BLOCK_NORMS:
+            raise ValueError(f"expected block_norm in {BLOCK_NORMS}, got {block_norm!r}")
+        if block_norm == "group" and dim_out % groups:
+            raise ValueError(f"expected resnet_block_groups={groups} to divide the block width, got width {dim_out}")
+        self.block_norm = block_norm
+        self.proj = nn.Conv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out) if block_norm == "group" else RMSNorm(dim_out)
+        self.act = nn.SiLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, scale_shift=None):
+        x = self.proj(x)
+        if self.block_norm == "group":
+            scale, shift = scale_shift if scale_shift is not None else (None, None)
+            norm = self.norm
+            x = functional.group_norm_act(x, norm.weight, norm.bias, norm.num_groups, scale, shift, True, norm.eps)
+        else:
+            x = self.norm(x, scale_shift, silu=True)
+        return self.dropout(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of the other block norm would otherwise fail later with a list of missing keys, or with
+        # strict=False load silently without its norms.
+        theirs = "rms" if prefix + "norm.g" in state_dict else "group" if prefix + "norm.weight" in state_dict else None
+        if theirs is not None and theirs != self.block_norm:
+            keys = {"rms": "'norm.g' (upstream 2.x)", "group": "'norm.weight'/'norm.bias' (upstream 1.9-1.11.1)"}
+            raise ValueError(
+                f"checkpoint at '{prefix}norm' holds a {theirs} block norm, keys {keys[theirs]}; this model was built "
+                f"with block_norm={self.block_norm!r}, expecting keys {keys[self.block_norm]}. "
+                f"Build the model with block_norm={theirs!r} to load it."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ResnetBlock(nn.Module):
+    """Two Blocks with time-conditioned scale/shift on the first, plus a residual: (B, dim, H, W) -> (B, dim_out, H, W).
+
+    time_emb: (B, time_emb_dim), mapped by `mlp` to a (scale, shift) pair of (B, dim_out) each.
+    """
+
+    def __init__(self, dim, dim_out, *, time_emb_dim=None, dropout=0.0, groups=8, block_norm="group"):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_emb_dim, dim_out * 2)) if time_emb_dim is not None else None
+        self.block1 = Block(dim, dim_out, dropout=dropout, groups=groups, block_norm=block_norm)
+        self.block2 = Block(dim_out, dim_out, groups=groups, block_norm=block_norm)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, time_emb=None):
+        scale_shift = None
+        if self.mlp is not None and time_emb is not None:
+            # Views of the (B, 2 * dim_out) MLP output; the fused op reads them through their strides.
+            scale_shift = self.mlp(time_emb).chunk(2, dim=1)
+        h = self.block1(x, scale_shift=scale_shift)
+        h = self.block2(h)
+        return h + self.res_conv(x)

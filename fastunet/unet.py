@@ -1,0 +1,198 @@
+"""fastunet.Unet: denoising-diffusion-pytorch's Unet, same constructor, names and forward, fused hot paths."""
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from fastunet.attention import Attention, LinearAttention
+from fastunet.checks import describe
+from fastunet.layers import (
+    BLOCK_NORMS,
+    Downsample,
+    RandomOrLearnedSinusoidalPosEmb,
+    ResnetBlock,
+    SinusoidalPosEmb,
+    Upsample,
+)
+
+
+def _per_stage(value, num_stages, name):
+    values = value if isinstance(value, tuple) else (value,) * num_stages
+    if len(values) != num_stages:
+        raise ValueError(f"expected {name} to be one value or a tuple of {num_stages} (one per stage), got {value!r}")
+    return values
+
+
+class Unet(nn.Module):
+    """Drop-in for `denoising_diffusion_pytorch.Unet` (2.3.4 constructor, same positional order).
+
+    Extra keyword-only arguments:
+    - resnet_block_groups: GroupNorm groups of each Block (block_norm="group"), as upstream <= 1.11.1.
+    - block_norm: "group" (default; GroupNorm, loads upstream 1.9-1.11.1 checkpoints) or "rms" (channel RMSNorm,
+      exactly upstream 2.x; loads 2.x checkpoints).
+
+    forward(x, time, x_self_cond=None): x (B, channels, H, W) float, H and W divisible by downsample_factor;
+    time (B,) int or float; x_self_cond like x (only with self_condition). Returns (B, out_dim, H, W).
+    """
+
+    def __init__(
+        self,
+        dim,
+        init_dim=None,
+        out_dim=None,
+        dim_mults=(1, 2, 4, 8),
+        channels=3,
+        self_condition=False,
+        learned_variance=False,
+        learned_sinusoidal_cond=False,
+        random_fourier_features=False,
+        learned_sinusoidal_dim=16,
+        sinusoidal_pos_emb_theta=10000,
+        dropout=0.0,
+        attn_dim_head=32,
+        attn_heads=4,
+        full_attn=None,  # falsy: full attention only in the innermost stage
+        flash_attn=False,
+        *,
+        resnet_block_groups=8,
+        block_norm="group",
+    ):
+        super().__init__()
+        if block_norm not in BLOCK_NORMS:
+            raise ValueError(f"expected block_norm in {BLOCK_NORMS}, got {block_norm!r}")
+        self.block_norm = block_norm
+
+        self.channels = channels
+        self.self_condition = self_condition
+        input_channels = channels * (2 if self_condition else 1)
+
+        init_dim = dim if init_dim is None else init_dim
+        dims = [init_dim, *(dim * m for m in dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        if block_norm == "group":
+            widths = sorted({*dims, *(d for d, _ in in_out)})
+            bad = [w for w in widths if w % resnet_block_groups]
+            if bad:
+                raise ValueError(
+                    f"expected resnet_block_groups={resnet_block_groups} to divide every block width {widths}, "
+                    f"got widths {bad} that it does not divide"
+                )
+
+        self.init_conv = nn.Conv2d(input_channels, init_dim, 7, padding=3)
+
+        time_dim = dim * 4
+        self.random_or_learned_sinusoidal_cond = learned_sinusoidal_cond or random_fourier_features
+        if self.random_or_learned_sinusoidal_cond:
+            position_embedding = RandomOrLearnedSinusoidalPosEmb(learned_sinusoidal_dim, random_fourier_features)
+            fourier_dim = learned_sinusoidal_dim + 1
+        else:
+            position_embedding = SinusoidalPosEmb(dim, theta=sinusoidal_pos_emb_theta)
+            fourier_dim = dim
+        self.time_mlp = nn.Sequential(
+            position_embedding, nn.Linear(fourier_dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
+        )
+
+        num_stages = len(dim_mults)
+        if not full_attn:
+            full_attn = (*((False,) * (num_stages - 1)), True)
+        full_attn = _per_stage(full_attn, num_stages, "full_attn")
+        attn_heads = _per_stage(attn_heads, num_stages, "attn_heads")
+        attn_dim_head = _per_stage(attn_dim_head, num_stages, "attn_dim_head")
+
+        full_attention = partial(Attention, flash=flash_attn)
+        resnet_block = partial(
+            ResnetBlock, time_emb_dim=time_dim, dropout=dropout, groups=resnet_block_groups, block_norm=block_norm
+        )
+
+        # Built in upstream's order, so that the same seed gives the same initial weights (mem_kv uses randn).
+        self.downs = nn.ModuleList([])
+        self.ups = nn.ModuleList([])
+        stages = list(zip(in_out, full_attn, attn_heads, attn_dim_head))
+        for index, ((dim_in, dim_out), layer_full_attn, heads, dim_head) in enumerate(stages):
+            is_last = index == num_stages - 1
+            attention_class = full_attention if layer_full_attn else LinearAttention
+            self.downs.append(nn.ModuleList([
+                resnet_block(dim_in, dim_in),
+                resnet_block(dim_in, dim_in),
+                attention_class(dim_in, dim_head=dim_head, heads=heads),
+                Downsample(dim_in, dim_out) if not is_last else nn.Conv2d(dim_in, dim_out, 3, padding=1),
+            ]))
+
+        mid_dim = dims[-1]
+        self.mid_block1 = resnet_block(mid_dim, mid_dim)
+        self.mid_attn = full_attention(mid_dim, heads=attn_heads[-1], dim_head=attn_dim_head[-1])
+        self.mid_block2 = resnet_block(mid_dim, mid_dim)
+
+        for index, ((dim_in, dim_out), layer_full_attn, heads, dim_head) in enumerate(reversed(stages)):
+            is_last = index == num_stages - 1
+            attention_class = full_attention if layer_full_attn else LinearAttention
+            self.ups.append(nn.ModuleList([
+                resnet_block(dim_out + dim_in, dim_out),
+                resnet_block(dim_out + dim_in, dim_out),
+                attention_class(dim_out, dim_head=dim_head, heads=heads),
+                Upsample(dim_out, dim_in) if not is_last else nn.Conv2d(dim_out, dim_in, 3, padding=1),
+            ]))
+
+        self.out_dim = out_dim if out_dim is not None else channels * (2 if learned_variance else 1)
+        self.final_res_block = resnet_block(init_dim * 2, init_dim)
+        self.final_conv = nn.Conv2d(init_dim, self.out_dim, 1)
+
+    @property
+    def downsample_factor(self):
+        return 2 ** (len(self.downs) - 1)
+
+    def _check_inputs(self, x, time, x_self_cond):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            got = describe(x) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"Unet: expected x as a 4-D floating-point tensor (batch, {self.channels}, H, W), got {got}")
+        batch, channels, height, width = x.shape
+        if channels != self.channels:
+            raise ValueError(f"Unet: expected x with {self.channels} channels, got shape {tuple(x.shape)}")
+        factor = self.downsample_factor
+        if height % factor or width % factor:
+            raise ValueError(f"Unet: expected H and W divisible by downsample_factor={factor}, got {height}x{width}")
+        if not isinstance(time, torch.Tensor) or time.dtype in (torch.bool,) or time.is_complex():
+            got = describe(time) if isinstance(time, torch.Tensor) else type(time).__name__
+            raise TypeError(f"Unet: expected time as an int or float tensor of shape ({batch},), got {got}")
+        if time.shape != (batch,):
+            raise ValueError(f"Unet: expected time of shape ({batch},) for a batch of {batch}, got {tuple(time.shape)}")
+        if x_self_cond is not None:
+            if not self.self_condition:
+                raise ValueError("Unet: got x_self_cond, but the model was built with self_condition=False")
+            if not isinstance(x_self_cond, torch.Tensor) or x_self_cond.shape != x.shape:
+                got = describe(x_self_cond) if isinstance(x_self_cond, torch.Tensor) else type(x_self_cond).__name__
+                raise ValueError(f"Unet: expected x_self_cond of x's shape {tuple(x.shape)}, got {got}")
+
+    def forward(self, x, time, x_self_cond=None):
+        self._check_inputs(x, time, x_self_cond)
+        if self.self_condition:
+            if x_self_cond is None:
+                x_self_cond = torch.zeros_like(x)
+            x = torch.cat((x_self_cond, x), dim=1)
+
+        x = self.init_conv(x)
+        r = x.clone()
+        t = self.time_mlp(time)
+
+        skips = []
+        for block1, block2, attn, downsample in self.downs:
+            x = block1(x, t)
+            skips.append(x)
+            x = block2(x, t)
+            x = attn(x) + x
+            skips.append(x)
+            x = downsample(x)
+
+        x = self.mid_block1(x, t)
+        x = self.mid_attn(x) + x
+        x = self.mid_block2(x, t)
+
+        for block1, block2, attn, upsample in self.ups:
+            x = block1(torch.cat((x, skips.pop()), dim=1), t)
+            x = block2(torch.cat((x, skips.pop()), dim=1), t)
+            x = attn(x) + x
+            x = upsample(x)
+
+        x = self.final_res_block(torch.cat((x, r), dim=1), t)
+        return self.final_conv(x)

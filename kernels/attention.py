@@ -498,7 +498,7 @@ def _mem_or_standin(mem, like):
     return mem if mem.shape[1] > 0 else like
 
 
-def _forward(q, k, v, mem_k, mem_v):
+def _forward(q, k, v, mem_k, mem_v, scale):
     batch, heads, n, d = q.shape
     out = _empty_like_output(q)
     lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
@@ -511,14 +511,14 @@ def _forward(q, k, v, mem_k, mem_v):
     _attention_forward_kernel[grid](
         q, k, v, mem_k, mem_v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(), *out.stride(),
-        heads, n, m, d**-0.5 * LOG2E,
+        heads, n, m, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
         FP32_PRECISION=_fp32_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 
 
-def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse):
+def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
     batch, heads, n, d = q.shape
     m = mem_k.shape[1]
     dq, dk, dv = _empty_like_output(q), _empty_like_output(q), _empty_like_output(q)
@@ -535,7 +535,7 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse):
         )
         mem_k_in, mem_v_in = _mem_or_standin(mem_k, k), _mem_or_standin(mem_v, v)
         common = dict(HEAD_DIM=d, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING, FP32_PRECISION=_fp32_precision(q.dtype))
-        scales = (d**-0.5 * LOG2E, d**-0.5)
+        scales = (scale * LOG2E, scale)
 
         block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, d)
         dmem_k_out = dmem_k_partial if m > 0 else dk  # stand-in pointers, never written when M = 0
@@ -560,3 +560,88 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse):
         dmem_v_partial.zero_()
     # Sum of the per-batch partials: a torch reduction over one dimension, in a fixed order (deterministic).
     return dq, dk, dv, dmem_k_partial.sum(0).to(mem_k.dtype), dmem_v_partial.sum(0).to(mem_v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library custom ops (autograd, opcheck and torch.compile see them as opaque operators)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_head_dim(where, q):
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{where}: the kernels take head dims {HEAD_DIMS}, got {q.shape[-1]} "
+                         "(fastunet.kernels.attention.attention pads other head dims up to 128)")
+
+
+@torch.library.custom_op("fastunet::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel. q, k, v (B, heads, N, d) one float dtype, any strides, d in HEAD_DIMS; mem_k, mem_v
+    (heads, M, d) any float dtype; scale: the softmax scale (d^-0.5 of the unpadded head dim).
+
+    Returns out (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N), and lse (B, heads, N) fp32
+    contiguous, the base-2 logsumexp of each query row's scores times scale * log2(e).
+    """
+    _check_head_dim("attention_forward", q)
+    return _forward(q, k, v, mem_k, mem_v, scale)
+
+
+@attention_forward.register_fake
+def _attention_forward_fake(q, k, v, mem_k, mem_v, scale):
+    return _empty_like_output(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastunet::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mem_k: torch.Tensor, mem_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernels. grad_out (B, heads, N, d) any strides; the rest as attention_forward's inputs and outputs.
+
+    Returns dq, dk, dv (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N), and d mem_k, d mem_v
+    (heads, M, d) contiguous in the dtypes of mem_k and mem_v.
+    """
+    _check_head_dim("attention_backward", q)
+    return _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
+    return (_empty_like_output(q), _empty_like_output(q), _empty_like_output(q), mem_k.new_empty(mem_k.shape),
+            mem_v.new_empty(mem_v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mem_k, mem_v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
+    ctx.scale = scale
+
+
+def _backward_rule(ctx, grad_out, grad_lse):
+    q, k, v, mem_k, mem_v, out, lse = ctx.saved_tensors
+    grads = torch.ops.fastunet.attention_backward(grad_out, q, k, v, mem_k, mem_v, out, lse, ctx.scale)
+    return (*grads, None)
+
+
+attention_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def attention(q, k, v, mem_k, mem_v):
+    """`softmax(q [mem_k; k]^T * d^-0.5) [mem_v; v]`, non-causal (fastunet.reference.attention), differentiable.
+
+    q, k, v: (B, heads, N, d), one dtype among fp32/fp16/bf16, any strides, d <= 128.
+    mem_k, mem_v: (heads, M, d), M >= 0, any float dtype (fp32 parameters under autocast); cast to q's dtype.
+    Returns (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N): the memory of a contiguous
+    (B, heads*d, H, W) tensor, which to_out reads without a copy. Head dims outside HEAD_DIMS are zero-padded to
+    the next one (their result is then a slice of the padded output); head dims above 128 raise ValueError.
+    """
+    d = q.shape[-1]
+    padded = next((h for h in HEAD_DIMS if h >= d), None)
+    if padded is None:
+        raise ValueError(f"attention: the Triton kernel takes head dims up to {HEAD_DIMS[-1]}, got {d}")
+    if padded != d:
+        # Zero dims add nothing to q.k and give zero output columns, sliced off.
+        q, k, v, mem_k, mem_v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v, mem_k, mem_v))
+    out, _ = attention_forward(q, k, v, mem_k, mem_v, d**-0.5)
+    return out if padded == d else out[..., :d]

@@ -494,8 +494,8 @@ def _empty_like_output(q, dtype=None):
 
 def _mem_or_standin(mem, like):
     # With no memory slots nothing is read from them; an empty tensor may have no valid data pointer, so the
-    # kernels get another tensor's pointer (never dereferenced since M = 0).
-    return mem if mem.shape[1] > 0 else like
+    # kernels get a (heads, N, d) slice of a non-empty one (never dereferenced since M = 0).
+    return mem if mem.shape[1] > 0 else like[0]
 
 
 def _forward(q, k, v, mem_k, mem_v, scale):
@@ -645,3 +645,58 @@ def attention(q, k, v, mem_k, mem_v):
         q, k, v, mem_k, mem_v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v, mem_k, mem_v))
     out, _ = attention_forward(q, k, v, mem_k, mem_v, d**-0.5)
     return out if padded == d else out[..., :d]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (tests/gpu_compile.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Strides equal to 1 in the Unet's layout, which Triton specializes as constants at launch: positions are
+# contiguous in q, k, v (views of the to_qkv output), grad_out and every (B, heads, N, d) tensor the kernels
+# allocate; the memory slots (heads, M, d) are contiguous parameters.
+_UNIT_STRIDES = {"stride_qn", "stride_kn", "stride_vn", "stride_on", "stride_gn", "stride_dkn", "stride_dvn",
+                 "stride_dqn", "stride_mkd", "stride_mvd"}
+# Pointer arguments: those of the first set are fp32 whatever the input dtype; the others have q's dtype.
+_FP32_POINTERS = {"LSE", "DELTA", "DMEM_K", "DMEM_V"}
+_POINTERS = _FP32_POINTERS | {"Q", "K", "V", "MEM_K", "MEM_V", "OUT", "GRAD_OUT", "DQ", "DK", "DV"}
+
+
+def _signature(kernel, dtype, constexprs):
+    """Argument types of `kernel` as a GPU launch with inputs of `dtype` in the Unet's layout specializes them."""
+    signature, constants = {}, dict(constexprs)
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constants[name] = 1
+        elif name in _POINTERS:
+            signature[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPES[dtype]
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, constants
+
+
+def gpu_compile_configs():
+    """Every (kernel, signature, constexprs, options) a GPU launch can select: for fp16, bf16 and fp32 (both its
+    IEEE and TF32 dot precisions), each head dim of HEAD_DIMS, and the four kernels, in the Unet's layout with the
+    memory slots in q's dtype (fp32 memory slots under autocast change only the cast after their load)."""
+    configs = []
+    for dtype, precision in ((torch.float16, "16"), (torch.bfloat16, "16"), (torch.float32, "ieee"),
+                             (torch.float32, "tf32")):
+        fp32_precision = "tf32" if precision == "tf32" else "ieee"
+        for head_dim in HEAD_DIMS:
+            common = dict(HEAD_DIM=head_dim, BLOCK_MEM=BLOCK_MEM, DOT_FP32=False, FP32_PRECISION=fp32_precision)
+            for kernel, name in ((_attention_forward_kernel, "forward"), (_attention_backward_dkdv_kernel, "dkdv"),
+                                 (_attention_backward_dq_kernel, "dq")):
+                block_m, block_n, num_warps, num_stages = _GPU_CONFIGS[name][precision][head_dim]
+                signature, constants = _signature(kernel, dtype, dict(common, BLOCK_M=block_m, BLOCK_N=block_n))
+                configs.append((kernel, signature, constants, dict(num_warps=num_warps, num_stages=num_stages)))
+            if precision != "tf32":  # the delta kernel has no dots
+                signature, constants = _signature(_attention_backward_delta_kernel, dtype,
+                                                  dict(HEAD_DIM=head_dim, BLOCK_M=_DELTA_BLOCK_M))
+                configs.append((_attention_backward_delta_kernel, signature, constants, dict(num_warps=4)))
+    return configs

@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from fastunet.reference.scale_shift_act import scale_shift_act
+from fastunet.reference.scale_shift_act import per_channel, scale_shift_act
 
 
 def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
@@ -20,4 +20,5 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
         None if bias is None else bias.float(),
         eps,
     )
-    return scale_shift_act(y, scale, shift, silu).to(x.dtype)
+    multiplier = None if scale is None else per_channel(scale) + 1
+    return scale_shift_act(y, multiplier, None if shift is None else per_channel(shift), silu).to(x.dtype)

@@ -441,17 +441,17 @@ _GPU_CONFIGS = {
     "forward": {
         "16": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
         "tf32": {16: (128, 64, 4, 2), 32: (128, 64, 4, 2), 64: (128, 64, 8, 2), 128: (64, 64, 4, 2)},
-        "ieee": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+        "tf32x3": {16: (128, 64, 4, 2), 32: (128, 64, 4, 2), 64: (128, 64, 8, 2), 128: (64, 64, 4, 2)},
     },
     "dkdv": {  # BLOCK_M here is the query step, BLOCK_N the keys of one program
         "16": {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (64, 64, 8, 2)},
         "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
-        "ieee": {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 32, 4, 2)},
+        "tf32x3": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
     },
     "dq": {
         "16": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 8, 2)},
         "tf32": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2)},
-        "ieee": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2)},
+        "tf32x3": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 2)},
     },
 }
 # The delta preprocess is a bandwidth-bound row reduction: 128 rows per program.
@@ -465,7 +465,7 @@ def _dot_precision(dtype):
     """How dots of this input dtype run: "16" (fp16/bf16 tensor cores), "tf32" or "ieee" (fp32, see above)."""
     if dtype != torch.float32:
         return "16"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _config(kernel, dtype, head_dim):
@@ -476,8 +476,9 @@ def _config(kernel, dtype, head_dim):
 
 
 def _fp32_precision(dtype):
-    # The kernels' FP32_PRECISION; it has no effect on 16-bit dots, where "ieee" is passed as a fixed value.
-    return "tf32" if _dot_precision(dtype) == "tf32" else "ieee"
+    # The kernels' FP32_PRECISION; it has no effect on 16-bit dots, where "tf32x3" is passed as a fixed value.
+    precision = _dot_precision(dtype)
+    return "tf32x3" if precision == "16" else precision
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -685,9 +686,9 @@ def gpu_compile_configs():
     IEEE and TF32 dot precisions), each head dim of HEAD_DIMS, and the four kernels, in the Unet's layout with the
     memory slots in q's dtype (fp32 memory slots under autocast change only the cast after their load)."""
     configs = []
-    for dtype, precision in ((torch.float16, "16"), (torch.bfloat16, "16"), (torch.float32, "ieee"),
+    for dtype, precision in ((torch.float16, "16"), (torch.bfloat16, "16"), (torch.float32, "tf32x3"),
                              (torch.float32, "tf32")):
-        fp32_precision = "tf32" if precision == "tf32" else "ieee"
+        fp32_precision = "tf32x3" if precision == "16" else precision
         for head_dim in HEAD_DIMS:
             common = dict(HEAD_DIM=head_dim, BLOCK_MEM=BLOCK_MEM, DOT_FP32=False, FP32_PRECISION=fp32_precision)
             for kernel, name in ((_attention_forward_kernel, "forward"), (_attention_backward_dkdv_kernel, "dkdv"),

@@ -92,3 +92,27 @@ def test_upstream_ema_wrapper():
     ema.update()
     x, time = torch.randn(1, 3, 8, 8), torch.tensor([5])
     assert ema.ema_model(x, time).shape == (1, 3, 8, 8)
+
+
+def test_upstream_trainer_trains_samples_saves_and_loads(tmp_path):
+    from PIL import Image
+
+    upstream = upstream_2()
+    images = tmp_path / "images"
+    images.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(100):  # the Trainer asserts at least 100 images
+        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{index}.png")
+
+    model = fastunet.Unet(8, dim_mults=(1, 2), resnet_block_groups=4)
+    diffusion = upstream.GaussianDiffusion(model, image_size=8, timesteps=10)
+    trainer = upstream.Trainer(
+        diffusion, str(images), train_batch_size=4, gradient_accumulate_every=4, train_num_steps=2,
+        save_and_sample_every=2, num_samples=4, results_folder=str(tmp_path / "results"), calculate_fid=False,
+    )
+    trainer.train()  # steps, EMA updates (a deepcopy of the model), samples with the EMA model, saves milestone 1
+    assert (tmp_path / "results" / "model-1.pt").exists()
+    assert (tmp_path / "results" / "sample-1.png").exists()
+    trainer.load(1)
+    assert trainer.step == 2

@@ -12,7 +12,9 @@ from fastunet.backend import requested_backend, use_triton
 from fastunet.checks import check_same_device, check_tensor
 
 # op name -> module of fastunet.kernels that implements it with Triton (a function of the same name).
-TRITON_KERNELS = {}
+TRITON_KERNELS = {
+    "attention": "fastunet.kernels.attention",
+}
 
 
 def _implementation(op_name, device):

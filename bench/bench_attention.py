@@ -1,0 +1,128 @@
+"""Flash attention with memory key/values: the Triton kernel against its baselines, bf16, head dim 32, 4 slots.
+
+Targets (H100, /work/shared/performance.md): forward >= 250 TFLOP/s and backward >= 180 TFLOP/s at N=4096,
+and >= 1.1x the best SDPA backend at N in {64, 256, 1024, 4096}.
+
+Implementations, each on the same shapes:
+- triton: fastunet.kernels.attention.attention on q, k, v viewed from a (B, 3*heads*d, H, W) to_qkv output (the
+  Unet's layout, positions contiguous), memory slots read from their own tensor;
+- reference / reference_compiled: fastunet.reference.attention (fp32 einsum math), eager and torch.compile'd;
+- sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math: torch's scaled_dot_product_attention restricted to one
+  backend with torch.nn.attention.sdpa_kernel. SDPA takes one key tensor, so the memory slots are concatenated to
+  the keys/values, and q made contiguous, OUTSIDE the timed region: SDPA is timed on its preferred inputs, which
+  favours it (the Unet would pay that concatenation and copy on every call). A backend that refuses the inputs is
+  skipped with its reason.
+Passes: "forward" (no grad) and "forward_backward" (forward, then gradients of every input from a fixed output
+gradient). FLOPs: 4*B*heads*N*(N+M)*d for the forward, 2.5 times that for the backward, so 3.5 times for
+forward_backward. The TFLOP/s in extra_info come from the device median (triton.testing.do_bench).
+
+The group baseline (relative speeds printed after the table, see bench/conftest.py) is sdpa_flash.
+Everything skips without a CUDA GPU.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from measure import CUDA, GPU_ONLY_REASON, run_benchmark
+
+pytestmark = pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
+
+HEADS, HEAD_DIM, MEM = 4, 32, 4
+# Batch per sequence length: enough (batch * heads) programs to fill an H100 at every N.
+BATCH = {64: 512, 256: 128, 1024: 32, 4096: 32}
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}
+IMPLEMENTATIONS = ["triton", "reference", "reference_compiled", *SDPA_BACKENDS]
+
+_compiled_reference = None
+
+
+def _reference_compiled():
+    global _compiled_reference
+    if _compiled_reference is None:
+        from fastunet.reference import attention as reference_attention
+
+        _compiled_reference = torch.compile(reference_attention)
+    return _compiled_reference
+
+
+def _inputs(n, requires_grad):
+    """q, k, v views of a to_qkv output (B, 3*heads*d, H, W) and the memory slots, all bf16 on the GPU."""
+    side = math.isqrt(n)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(BATCH[n], 3 * HEADS * HEAD_DIM, side, side, device="cuda", dtype=torch.bfloat16,
+                      generator=generator)
+    mem_kv = torch.randn(2, HEADS, MEM, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=generator)
+    return qkv.requires_grad_(requires_grad), mem_kv.requires_grad_(requires_grad)
+
+
+def _split(qkv, mem_kv):
+    q, k, v = qkv.flatten(2).unflatten(1, (3, HEADS, HEAD_DIM)).transpose(-1, -2).unbind(1)
+    return q, k, v, mem_kv[0], mem_kv[1]
+
+
+def _sdpa_callable(backend_name, qkv, mem_kv, requires_grad):
+    """An SDPA call on inputs prepared here, outside the timed region, and the leaves to differentiate."""
+    q, k, v, mem_k, mem_v = (t.detach() for t in _split(qkv, mem_kv))
+    batch = q.shape[0]
+    keys = torch.cat((mem_k.expand(batch, -1, -1, -1), k), dim=2)
+    values = torch.cat((mem_v.expand(batch, -1, -1, -1), v), dim=2)
+    leaves = [t.contiguous().requires_grad_(requires_grad) for t in (q, keys, values)]
+    backend = getattr(torch.nn.attention.SDPBackend, SDPA_BACKENDS[backend_name])
+
+    def call():
+        with torch.nn.attention.sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(*leaves)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            call()
+        except RuntimeError as error:
+            reasons = "; ".join(str(w.message) for w in caught)
+            pytest.skip(f"{backend_name} refuses (B={batch}, heads={HEADS}, N={q.shape[2]}, keys={keys.shape[2]}, "
+                        f"d={HEAD_DIM}, bf16): {str(error).splitlines()[0]} {reasons}")
+    return call, leaves
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("n", sorted(BATCH))
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_attention(benchmark, implementation, n, mode):
+    benchmark.group = f"attention-{mode}-N{n}"
+    requires_grad = mode == "forward_backward"
+    qkv, mem_kv = _inputs(n, requires_grad)
+    if implementation.startswith("sdpa"):
+        call, leaves = _sdpa_callable(implementation, qkv, mem_kv, requires_grad)
+    else:
+        if implementation == "triton":
+            from fastunet.kernels.attention import attention as fn
+        elif implementation == "reference":
+            from fastunet.reference import attention as fn
+        else:
+            fn = _reference_compiled()
+        leaves = [qkv, mem_kv]
+
+        def call():
+            return fn(*_split(qkv, mem_kv))
+
+    if requires_grad:
+        grad = torch.randn(BATCH[n], HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            return torch.autograd.grad(call(), leaves, grad)
+    else:
+        def step():
+            with torch.no_grad():
+                return call()
+
+    forward_flops = 4 * BATCH[n] * HEADS * n * (n + MEM) * HEAD_DIM
+    run_benchmark(benchmark, step, flops=forward_flops * (3.5 if requires_grad else 1.0), rounds=10,
+                  baseline=implementation == "sdpa_flash", batch=BATCH[n], heads=HEADS, n=n, mem=MEM,
+                  head_dim=HEAD_DIM, dtype="bfloat16")
+    del qkv, mem_kv, leaves
+    torch.cuda.empty_cache()

@@ -1,0 +1,274 @@
+"""Tests of the Triton flash attention with memory key/values (fastunet.kernels.attention).
+
+Reference: fastunet.reference.attention on fp32-upcast inputs; gradients from autograd through it.
+Tolerances (the FlashAttention rule): for fp16/bf16 the kernel's error against the fp32 reference must stay within
+twice the error of PyTorch's own attention computed in that dtype (matmuls in it, softmax in fp32), plus one unit
+in the last place of the dtype at the tensor's scale. fp32 inputs run TF32 dots on the GPU (see the kernel module),
+so their yardstick is the same math with every dot operand truncated to TF32 (10-bit mantissa), as Ampere and
+Hopper tensor cores do; under the interpreter fp32 dots are exact and the kernel passes far inside that bound.
+"""
+
+import concurrent.futures
+
+import pytest
+import torch
+
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess
+from tolerances import assert_close
+
+import fastunet.kernels.attention as kernel_module
+from fastunet.kernels.attention import attention
+from fastunet.reference import attention as reference_attention
+
+# Relative size of one unit in the last place, by the precision the kernel's dots round to.
+ULP = {torch.float32: 2.0**-10, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+GRAD_NAMES = ("dq", "dk", "dv", "dmem_k", "dmem_v")
+
+
+def _inputs(batch, heads, n, mem, head_dim, dtype, device, mem_dtype=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=generator) for _ in range(3))
+    mem_k, mem_v = (torch.randn(heads, mem, head_dim, generator=generator) for _ in range(2))
+    grad = torch.randn(batch, heads, n, head_dim, generator=generator)
+    mem_dtype = mem_dtype or dtype
+    return ([t.to(device, dtype) for t in (q, k, v)] + [t.to(device, mem_dtype) for t in (mem_k, mem_v)],
+            grad.to(device, dtype))
+
+
+def _run(fn, inputs, grad):
+    """fn(*inputs) and the gradients of <fn(*inputs), grad> with respect to every input."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out.detach(), grads
+
+
+def _attention_in_dtype(q, k, v, mem_k, mem_v):
+    """PyTorch's attention in q's dtype: matmuls in it, softmax in fp32 (as autocast does), memory slots cast."""
+    batch = q.shape[0]
+    keys = torch.cat((mem_k.to(q.dtype).expand(batch, -1, -1, -1), k), dim=2)
+    values = torch.cat((mem_v.to(q.dtype).expand(batch, -1, -1, -1), v), dim=2)
+    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.float().softmax(dim=-1).to(q.dtype) @ values
+
+
+def _tf32(t):
+    """t with its fp32 mantissa truncated to TF32's 10 bits, as tensor cores read fp32 dot operands."""
+    return (t.float().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def _attention_tf32(inputs, grad):
+    """The attention and its gradients with every matmul operand truncated to TF32, everything else fp32."""
+    q, k, v, mem_k, mem_v = (t.float() for t in inputs)
+    batch, _, _, head_dim = q.shape
+    scale = head_dim**-0.5
+    keys = torch.cat((mem_k.expand(batch, -1, -1, -1), k), dim=2)
+    values = torch.cat((mem_v.expand(batch, -1, -1, -1), v), dim=2)
+    p = ((_tf32(q) @ _tf32(keys).transpose(-1, -2)) * scale).softmax(dim=-1)
+    out = _tf32(p) @ _tf32(values)
+    g = grad.float()
+    d_values = _tf32(p).transpose(-1, -2) @ _tf32(g)
+    dp = _tf32(g) @ _tf32(values).transpose(-1, -2)
+    ds = p * (dp - (g * out).sum(-1, keepdim=True))
+    dq = _tf32(ds) @ _tf32(keys) * scale
+    d_keys = _tf32(ds).transpose(-1, -2) @ _tf32(q) * scale
+    m = mem_k.shape[1]
+    return out, (dq, d_keys[:, :, m:], d_values[:, :, m:], d_keys[:, :, :m].sum(0), d_values[:, :, :m].sum(0))
+
+
+def _check_against_reference(inputs, grad, what):
+    """Kernel output and gradients against the fp32 reference, within the dtype's budget (module docstring)."""
+    dtype = inputs[0].dtype
+    out, grads = _run(attention, inputs, grad)
+    assert out.dtype == dtype and out.shape == inputs[0].shape, f"{what}: output {out.dtype} {tuple(out.shape)}"
+    for name, g, t in zip(GRAD_NAMES, grads, inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape, f"{what}: {name} is {g.dtype} {tuple(g.shape)}"
+    expected_out, expected_grads = _run(reference_attention, [t.float() for t in inputs], grad.float())
+    if dtype == torch.float32:
+        low_out, low_grads = _attention_tf32(inputs, grad)
+    else:
+        low_out, low_grads = _run(_attention_in_dtype, inputs, grad)
+    for name, actual, expected, low in zip(("out",) + GRAD_NAMES, (out,) + grads, (expected_out,) + expected_grads,
+                                           (low_out,) + low_grads):
+        if expected.numel() == 0:
+            continue
+        scale = expected.abs().max().item()
+        budget = 2 * (low.float() - expected).abs().max().item() + ULP[dtype] * scale
+        assert_close(actual.float(), expected, what=f"{what}: {name}", atol=budget, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "batch, heads, n, mem, head_dim",
+    [
+        (2, 2, 35, 4, 32),  # the Unet's head dim and 4 memory slots; N + M = 39
+        (1, 3, 100, 1, 16),  # one slot; several query blocks and a masked last key block
+        (2, 1, 64, 0, 64),  # no memory slots; N a multiple of the blocks
+        (1, 2, 20, 4, 128),  # largest head dim
+    ],
+)
+def test_matches_reference(batch, heads, n, mem, head_dim, dtype, device):
+    inputs, grad = _inputs(batch, heads, n, mem, head_dim, dtype, device)
+    _check_against_reference(inputs, grad, f"B{batch} heads{heads} N{n} M{mem} d{head_dim} {dtype}")
+
+
+def _layout(name, tensors, heads, height, width):
+    """q, k, v (B, heads, N, d) laid out as named, holding the values of `tensors`."""
+    batch, _, n, head_dim = tensors[0].shape
+    if name in ("qkv_nchw", "qkv_channels_last"):
+        # The Unet's to_qkv output (B, 3*heads*d, H, W), chunked and viewed as upstream's rearrange does.
+        qkv = torch.cat([t.transpose(-1, -2).reshape(batch, heads * head_dim, height, width) for t in tensors], 1)
+        if name == "qkv_channels_last":
+            qkv = qkv.contiguous(memory_format=torch.channels_last)
+        views = [c.flatten(2).unflatten(1, (heads, head_dim)).transpose(-1, -2) for c in qkv.chunk(3, dim=1)]
+        assert views[0].stride()[2] == (1 if name == "qkv_nchw" else 3 * heads * head_dim)
+        return views
+    if name == "contiguous":
+        return [t.contiguous() for t in tensors]
+    # Non-contiguous in every dimension: positions and heads permuted, head dim with stride 2.
+    views = []
+    for t in tensors:
+        wide = torch.zeros(batch, n, heads, 2 * head_dim, dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t.transpose(1, 2)
+        views.append(wide[..., ::2].transpose(1, 2))
+    assert views[0].stride()[3] == 2
+    return views
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["qkv_nchw", "qkv_channels_last", "contiguous", "strided"])
+def test_layouts(layout, dtype, device):
+    heads, height, width = 2, 5, 7
+    inputs, grad = _inputs(2, heads, height * width, 4, 32, dtype, device, seed=1)
+    q, k, v = _layout(layout, inputs[:3], heads, height, width)
+    mem_k, mem_v = inputs[3:]
+    if layout == "strided":  # memory slots as views too, head dim contiguous across slots
+        mem_k, mem_v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (mem_k, mem_v))
+    for a, b in zip((q, k, v), inputs[:3]):
+        assert torch.equal(a, b)
+    _check_against_reference([q, k, v, mem_k, mem_v], grad, f"{layout} {dtype}")
+
+
+def test_output_layout(device):
+    """Output and q/k/v gradients have the memory of a contiguous (B, heads*d, H, W) tensor (what to_out reads)."""
+    batch, heads, height, width, head_dim = 2, 3, 4, 5, 16
+    n = height * width
+    inputs, grad = _inputs(batch, heads, n, 4, head_dim, torch.float16, device)
+    out, grads = _run(attention, inputs, grad)
+    expected = (heads * head_dim * n, head_dim * n, 1, n)
+    for name, t in (("out", out),) + tuple(zip(GRAD_NAMES[:3], grads[:3])):
+        assert t.stride() == expected, f"{name} strides {t.stride()}, expected {expected}"
+    image = out.transpose(-1, -2).reshape(batch, heads * head_dim, height, width)
+    assert image.data_ptr() == out.data_ptr() and image.is_contiguous(), "to_out's input would need a copy"
+    assert grads[3].is_contiguous() and grads[4].is_contiguous()
+
+
+def test_mixed_dtype_memory(device):
+    """Under autocast q, k, v are bf16 while the mem_kv parameter stays fp32: its gradient comes back in fp32."""
+    inputs, grad = _inputs(2, 2, 35, 4, 32, torch.bfloat16, device, mem_dtype=torch.float32, seed=2)
+    _check_against_reference(inputs, grad, "q bf16, memory fp32")
+
+
+@pytest.mark.parametrize("head_dim", [8, 24])
+def test_padded_head_dim(head_dim, device):
+    """Head dims outside (16, 32, 64, 128) are zero-padded; the scale stays head_dim**-0.5."""
+    inputs, grad = _inputs(1, 2, 20, 4, head_dim, torch.float32, device, seed=3)
+    _check_against_reference(inputs, grad, f"head dim {head_dim}")
+
+
+def test_single_position(device):
+    inputs, grad = _inputs(2, 1, 1, 4, 32, torch.float32, device, seed=4)
+    _check_against_reference(inputs, grad, "N=1")
+
+
+def test_empty_batch(device):
+    inputs, grad = _inputs(0, 2, 16, 4, 32, torch.float32, device)
+    out, grads = _run(attention, inputs, grad)
+    assert out.shape == (0, 2, 16, 32)
+    assert torch.equal(grads[3], torch.zeros_like(inputs[3])) and torch.equal(grads[4], torch.zeros_like(inputs[4]))
+
+
+def test_rejected_shapes(device):
+    inputs, _ = _inputs(1, 1, 8, 4, 256, torch.float32, device)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        attention(*inputs)
+    inputs, _ = _inputs(kernel_module.MAX_BATCH_HEADS + 1, 1, 1, 4, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="batch \\* heads"):
+        attention(*inputs)
+
+
+def test_deterministic(device):
+    """Two runs give bitwise equal outputs and gradients (no atomics; memory-slot partials summed in order)."""
+    inputs, grad = _inputs(2, 2, 70, 4, 32, torch.bfloat16, device, seed=5)
+    first_out, first_grads = _run(attention, inputs, grad)
+    second_out, second_grads = _run(attention, inputs, grad)
+    for name, a, b in zip(("out",) + GRAD_NAMES, (first_out,) + first_grads, (second_out,) + second_grads):
+        assert torch.equal(a, b), f"{name} differs between two runs: max difference {(a - b).abs().max().item()}"
+
+
+def test_opcheck(device):
+    """Schema, fake (meta) implementation with the same strides, autograd registration, and AOT dispatch."""
+    inputs, grad = _inputs(1, 2, 20, 4, 16, torch.float32, device, seed=6)
+    forward_args = [t.requires_grad_() for t in inputs] + [16**-0.5]
+    torch.library.opcheck(torch.ops.fastunet.attention_forward.default, forward_args)
+    with torch.no_grad():
+        out, lse = torch.ops.fastunet.attention_forward(*forward_args)
+    backward_args = [grad] + [t.detach() for t in inputs] + [out, lse, 16**-0.5]
+    torch.library.opcheck(torch.ops.fastunet.attention_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile(device):
+    """The custom ops under torch.compile(fullgraph=True): same forward and gradients as eager."""
+
+    def block(q, k, v, mem_k, mem_v):
+        return attention(q * 2, k, v, mem_k, mem_v).sigmoid()
+
+    inputs, grad = _inputs(1, 2, 20, 4, 16, torch.float32, device, seed=7)
+    eager_out, eager_grads = _run(block, inputs, grad)
+    compiled_out, compiled_grads = _run(torch.compile(block, fullgraph=True), inputs, grad)
+    for name, a, b in zip(("out",) + GRAD_NAMES, (compiled_out,) + compiled_grads, (eager_out,) + eager_grads):
+        assert_close(a, b, what=f"compiled {name}")
+
+
+KERNEL_NAMES = {
+    kernel_module._attention_forward_kernel: "forward",
+    kernel_module._attention_backward_delta_kernel: "delta",
+    kernel_module._attention_backward_dkdv_kernel: "dkdv",
+    kernel_module._attention_backward_memory_kernel: "memory",
+    kernel_module._attention_backward_dq_kernel: "dq",
+}
+
+
+def test_gpu_compile():
+    """Every configuration a GPU launch can select compiles for sm_80 and sm_90 (Triton's bundled ptxas), fits in
+    shared memory, spills no registers, and runs its dots on tensor cores (mma/wgmma; fp32 runs TF32 dots). The
+    compile sees no 16-byte alignment, i.e. the specialization of N not a multiple of 16, the worse one for
+    registers. Exempt from the spill check: the sm_80 builds of fp32 at head dim 128 that the kernel module lists in
+    SM80_SPILLS_ALLOWED (with its reason); the check fails if one of them stops spilling, so the list stays exact."""
+    configs = kernel_module.gpu_compile_configs()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        records = dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess("fastunet.kernels.attention", arch),
+                                                (80, 90))))
+    problems = []
+    for arch, arch_records in records.items():
+        if len(arch_records) != len(configs):
+            problems.append(f"sm_{arch}: {len(arch_records)} records for {len(configs)} configurations")
+        for (kernel, signature, constexprs, _), record in zip(configs, arch_records):
+            name = KERNEL_NAMES[kernel]
+            pointer = signature.get("Q", signature.get("OUT"))
+            precision = "tf32" if pointer == "*fp32" else "16"
+            where = f"sm_{arch} {pointer[1:]} {record['name']}"
+            if "error" in record:
+                problems.append(f"{where}: {record['error']}")
+                continue
+            if record["shared"] > SHARED_MEMORY_LIMIT[arch]:
+                problems.append(f"{where}: {record['shared']} bytes of shared memory > {SHARED_MEMORY_LIMIT[arch]}")
+            exempt = arch == 80 and (name, precision, constexprs["HEAD_DIM"]) in kernel_module.SM80_SPILLS_ALLOWED
+            if record["spills"] and not exempt:
+                problems.append(f"{where}: {record['spills']} bytes of spills ({record['registers']} registers)")
+            if exempt and not record["spills"]:
+                problems.append(f"{where}: no longer spills; remove it from SM80_SPILLS_ALLOWED")
+            if name != "delta" and not record["tensor_cores"]:
+                problems.append(f"{where}: no tensor-core instruction (mma/wgmma)")
+    assert not problems, "\n".join(problems)

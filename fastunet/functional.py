@@ -14,11 +14,16 @@ from fastunet.checks import check_same_device, check_tensor
 # op name -> module of fastunet.kernels that implements it with Triton (a function of the same name).
 TRITON_KERNELS = {
     "attention": "fastunet.kernels.attention",
+    "linear_attention": "fastunet.kernels.linear_attention",
 }
 
 
-def _implementation(op_name, device):
-    """The function that runs `op_name` on `device` under the backend in force."""
+def _implementation(op_name, device, args):
+    """The function that runs `op_name` on `device` for these arguments under the backend in force.
+
+    A kernel module may define `unsupported_reason(*args)`, naming inputs its kernels do not take (e.g. a head dim
+    the tiles cannot hold): "auto" then runs the reference for that call, and "triton" raises with the reason.
+    """
     if not use_triton(op_name, device):
         return getattr(reference, op_name)
     if op_name not in TRITON_KERNELS:
@@ -26,7 +31,14 @@ def _implementation(op_name, device):
         if requested_backend() == "triton":
             raise RuntimeError(f"fastunet backend 'triton' was requested for {op_name}, which has no Triton kernel yet")
         return getattr(reference, op_name)
-    return getattr(importlib.import_module(TRITON_KERNELS[op_name]), op_name)
+    module = importlib.import_module(TRITON_KERNELS[op_name])
+    unsupported_reason = getattr(module, "unsupported_reason", None)
+    why = unsupported_reason(*args) if unsupported_reason is not None else None
+    if why:
+        if requested_backend() == "triton":
+            raise RuntimeError(f"fastunet backend 'triton' was requested for {op_name}, but {why}")
+        return getattr(reference, op_name)
+    return getattr(module, op_name)
 
 
 def _check_scale_shift(where, x, scale, shift):
@@ -52,7 +64,8 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
             check_tensor(where, name, t, shape=(channels,))
     _check_scale_shift(where, x, scale, shift)
     check_same_device(where, x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-    return _implementation(where, x.device)(x, weight, bias, groups, scale, shift, silu, eps)
+    args = (x, weight, bias, groups, scale, shift, silu, eps)
+    return _implementation(where, x.device, args)(*args)
 
 
 def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
@@ -65,7 +78,8 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
     check_tensor(where, "g", g, shape=(x.shape[1],))
     _check_scale_shift(where, x, scale, shift)
     check_same_device(where, x=x, g=g, scale=scale, shift=shift)
-    return _implementation(where, x.device)(x, g, scale, shift, silu, eps)
+    args = (x, g, scale, shift, silu, eps)
+    return _implementation(where, x.device, args)(*args)
 
 
 def _check_qkv(where, q, k, v, mem_k, mem_v, mem_shape):
@@ -89,10 +103,11 @@ def attention(q, k, v, mem_k, mem_v, sdpa=False):
     """
     where = "attention"
     _check_qkv(where, q, k, v, mem_k, mem_v, (q.shape[1], None, q.shape[3]))
-    implementation = _implementation(where, q.device)
+    args = (q, k, v, mem_k, mem_v)
+    implementation = _implementation(where, q.device, args)
     if implementation is reference.attention:
-        return implementation(q, k, v, mem_k, mem_v, sdpa=sdpa)
-    return implementation(q, k, v, mem_k, mem_v)
+        return implementation(*args, sdpa=sdpa)
+    return implementation(*args)
 
 
 def linear_attention(q, k, v, mem_k, mem_v):
@@ -103,4 +118,5 @@ def linear_attention(q, k, v, mem_k, mem_v):
     """
     where = "linear_attention"
     _check_qkv(where, q, k, v, mem_k, mem_v, (q.shape[1], q.shape[2], None))
-    return _implementation(where, q.device)(q, k, v, mem_k, mem_v)
+    args = (q, k, v, mem_k, mem_v)
+    return _implementation(where, q.device, args)(*args)

@@ -710,6 +710,15 @@ def _backward_rule(ctx, grad_out, grad_lse):
 attention_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+def unsupported_reason(q, k, v, mem_k, mem_v):
+    """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None."""
+    if q.shape[-1] > HEAD_DIMS[-1]:
+        return f"the attention kernels take head dims up to {HEAD_DIMS[-1]}, got {q.shape[-1]}"
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the kernels' {MAX_BATCH_HEADS}"
+    return None
+
+
 def attention(q, k, v, mem_k, mem_v):
     """`softmax(q [mem_k; k]^T * d^-0.5) [mem_v; v]`, non-causal (fastunet.reference.attention), differentiable.
 

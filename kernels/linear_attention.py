@@ -8,24 +8,27 @@ V = [mem_v, v] along the M + N positions j, and d features c, e:
     context[c,e] = sum_j ks[c, j] V[e, j]                      (d x d)
     out[e, n]    = d^-0.5 sum_c context[c, e] p[c, n]
 
-Forward, three launches (no float atomics, so every result is bitwise reproducible):
+Forward, three launches (no float atomics anywhere, so every result is bitwise reproducible):
   1. `_context_partial_kernel`, grid (B*heads, splits): each program streams k and v over its split of the
-     positions (the first split also reads the M memory slots) and keeps an online per-row max, sum of exp and
-     unnormalized d x d context relative to that max.
-  2. `_context_combine_kernel`, grid (B*heads, d / ROWS): combines the splits in index order, rescaling each by
-     exp(max_split - max_all), into the normalized context and lse (both fp32, saved for the backward).
+     positions, keeping an online per-row max, sum of exp and unnormalized d x d context relative to that max.
+  2. `_context_combine_kernel`, grid (B*heads, d / 16): folds in the M memory slots (a few fp32 columns, read
+     here so that no concatenated copy is made and the streaming kernels never see them) and then the splits in
+     index order, each rescaled by exp(max_split - max_all), into the normalized context and lse (fp32; saved
+     for the backward).
   3. `_output_kernel`, grid (B*heads, programs): out = (d^-0.5 context)^T softmax(q), a tile of positions at a time.
 Backward, three launches:
   1. `_query_grad_kernel`, grid (B*heads, splits): dq through the feature softmax, and per-split partials of
      dcontext = d^-0.5 p dout^T.
-  2. `_context_grad_combine_kernel`: dcontext = sum of the partials in split order, and the per-row
-     sum_j ks[c, j] dks[c, j] of the position-softmax backward, which equals sum_e dcontext[c, e] context[c, e]
-     (substitute dks = dcontext V and context = ks V^T), so it costs no extra pass over k and v.
-  3. `_key_value_grad_kernel`: dks = dcontext V, dk = ks (dks - rowsum), dv = dcontext^T ks; the first program of
-     each (b, head) writes the memory slots' gradients per batch, which torch sums over the batch.
-Minimum traffic, each pass reading its inputs once: forward reads q, k, v and writes out; backward reads q, k,
-v, dout and writes dq, dk, dv. All statistics and accumulations are fp32. Matrix products take 16-bit operands
-(tensor cores, fp32 accumulation) for fp16/bf16 inputs and exact fp32 ("ieee") for fp32 inputs.
+  2. `_context_grad_combine_kernel`, grid (B*heads, d / 16): dcontext = sum of the partials in split order, and
+     the per-row sum_j ks[c, j] dks[c, j] of the position-softmax backward, which equals
+     sum_e dcontext[c, e] context[c, e] (substitute dks = dcontext V and context = ks V^T), so it costs no extra
+     pass over k and v; also the memory slots' gradients per batch element, which torch sums over the batch.
+  3. `_key_value_grad_kernel`, grid (B*heads, programs): dks = dcontext V, dk = ks (dks - rowsum),
+     dv = dcontext^T ks.
+Each pass reads its inputs once: the forward reads q, k, v and writes out; the backward reads q, k, v, dout and
+writes dq, dk, dv (plus d x d fp32 partials per split, ~1% at the benchmark shape). Statistics and
+accumulations are fp32. Products: fp16/bf16 inputs round the operands to the input dtype for the tensor cores
+(fp32 accumulation); fp32 inputs are exact (see _dot).
 """
 
 import functools
@@ -38,16 +41,16 @@ import triton.language as tl
 from fastunet.kernels import INTERPRETING
 
 HEAD_DIMS = (16, 32, 64, 128)
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
+# Memory slots per tile in the combine kernels: the smallest dot dimension the GPU compiler accepts (M is 4 by
+# default); their products are exact fp32.
+MEMORY_BLOCK = 16
 # Rows of the d x d context one combine program handles: a (16, d) fp32 tile stays in registers even at d = 128.
 COMBINE_ROWS = 16
-# The interpreter's cost is per program and per op, so it runs one program per (b, head) over 32-position tiles:
-# small enough that the test shapes (N = 35, 64, 100) still take several tiles through the online rescaling.
-INTERPRETER_BLOCK_N = 32
-# Programs the heuristic aims at per SM: 4-warp programs using ~100-170 registers fit 2-4 to an SM, so this is a
-# few waves, enough loads in flight to cover HBM latency and a small tail when the last wave is partial.
+# Programs the heuristic aims at per SM: the streaming programs (4-8 warps, 60-130 registers at the 16-bit
+# configurations) fit 2-6 to an SM, so this is a few waves with loads in flight to cover HBM latency, and a small
+# tail when the last wave is partial.
 PROGRAMS_PER_SM = 8
 # A reduction split spans at least this many tiles, so its (d x d) fp32 partial is <= 1/8 of the bytes it reads
 # (d = 32, 128 positions a tile: 4 tiles read 64 KiB of bf16 k and v, the partial is 4 KiB).
@@ -65,20 +68,99 @@ MAX_TILES_PER_PROGRAM = 4
 
 @triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation, operands rounded to DOT_DTYPE (the input dtype: tensor cores for 16-bit).
+    """a @ b with fp32 accumulation. 16-bit DOT_DTYPE (the input dtype): operands rounded to it, tensor cores.
+    fp32: exact FMA products, or for (128 x 128) outputs three fp16 products (see _dot_fp16x3).
 
-    UPCAST (the interpreter): its 16-bit tl.dot multiplies raw bit patterns, so the rounded operands are widened
-    to fp32 and multiplied exactly, which is what the tensor cores compute.
+    UPCAST (the interpreter): its 16-bit tl.dot multiplies raw bit patterns, so rounded operands are widened to
+    fp32 and multiplied exactly, which is what the tensor cores compute.
     """
+    if DOT_DTYPE == tl.float32:
+        if a.shape[0] * b.shape[1] >= 128 * 128:
+            return _dot_fp16x3(a, b, UPCAST)
+        # tf32 would cost ~1e-3 relative error; the op is memory-bound, so exact fp32 is affordable.
+        return _dot_ieee(a, b)
     a = a.to(DOT_DTYPE)
     b = b.to(DOT_DTYPE)
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT_DTYPE == tl.float32:
-        # tf32 would cost ~1e-3 relative error; the op is memory-bound, so exact fp32 is affordable.
-        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _power_of_two_scale(x):
+    """The smallest power of two >= max |x| (1 for an all-zero x): dividing by it is exact."""
+    scale = tl.exp2(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(x), axis=1), axis=0))))
+    return tl.where(scale > 0, scale, 1.0)
+
+
+@triton.jit
+def _dot_fp16x3(a, b, UPCAST: tl.constexpr):
+    """fp32 a @ b as hi*hi + hi*lo + lo*hi of fp16 halves: 22 significant bits, ~2^-22 relative to max |a| max |b|.
+
+    A (128 x 128) fp32 product (the d = 128 contexts) spills registers as FMA at any warp count, and as tf32x3 on
+    sm_80; 16-bit operands take half the registers. Each operand is first divided by a power of two so that it
+    lies in [-1, 1], inside fp16's range.
+    """
+    a_scale = _power_of_two_scale(a)
+    b_scale = _power_of_two_scale(b)
+    a = a / a_scale
+    b = b / b_scale
+    a_hi = a.to(tl.float16)
+    a_lo = (a - a_hi.to(tl.float32)).to(tl.float16)
+    b_hi = b.to(tl.float16)
+    b_lo = (b - b_hi.to(tl.float32)).to(tl.float16)
+    if UPCAST:
+        a_hi, a_lo, b_hi, b_lo = a_hi.to(tl.float32), a_lo.to(tl.float32), b_hi.to(tl.float32), b_lo.to(tl.float32)
+        acc = tl.dot(a_lo, b_hi, input_precision="ieee")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="ieee")
     else:
-        return tl.dot(a, b)
+        acc = tl.dot(a_lo, b_hi)
+        acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_hi, b_hi, acc)
+    return acc * (a_scale * b_scale)
+
+
+@triton.jit
+def _split_k(a, b):
+    """(a[:, :K/2], a[:, K/2:], b[:K/2], b[K/2:]) of a (M, K) and b (K, N)."""
+    M: tl.constexpr = a.shape[0]
+    K: tl.constexpr = a.shape[1]
+    N: tl.constexpr = b.shape[1]
+    a0, a1 = tl.split(tl.permute(tl.reshape(a, (M, 2, K // 2)), (0, 2, 1)))
+    b0, b1 = tl.split(tl.permute(tl.reshape(b, (2, K // 2, N)), (1, 2, 0)))
+    return a0, a1, b0, b1
+
+
+@triton.jit
+def _dot_ieee(a, b):
+    """Exact fp32 a @ b, as a sum over K-slices of 16 (K a power of two). The FMA lowering keeps a thread's rows of
+    a and columns of b over the whole K in registers, which spills at K = 64 and 128."""
+    if a.shape[1] > 16:
+        a0, a1, b0, b1 = _split_k(a, b)
+        return _dot_ieee(a0, b0) + _dot_ieee(a1, b1)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _hi_lo(x, DOT_DTYPE: tl.constexpr):
+    """x (fp32) as hi + lo in DOT_DTYPE: 16 (bf16) or 22 (fp16) significant bits instead of 8 or 11."""
+    hi = x.to(DOT_DTYPE)
+    return hi, (x - hi.to(tl.float32)).to(DOT_DTYPE)
+
+
+@triton.jit
+def _dot_hi_lo(a_hi, a_lo, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """(a_hi + a_lo) @ b (see _hi_lo; for fp32, a_hi is a and a_lo is unused).
+
+    For a computed fp32 matrix a (context, dcontext) times an input tile b (exact in its dtype) whose product is
+    then differenced in a softmax backward (dp - sum p dp, dks - sum ks dks): rounding a to 8 (bf16) or 11 (fp16)
+    bits there costs
+    several ulps of dk and dq where the difference cancels; one more tensor-core product removes that.
+    """
+    if DOT_DTYPE == tl.float32:
+        return _dot(a_hi, b, DOT_DTYPE, UPCAST)
+    return _dot(a_lo, b, DOT_DTYPE, UPCAST) + _dot(a_hi, b, DOT_DTYPE, UPCAST)
 
 
 @triton.jit
@@ -101,26 +183,20 @@ def _accumulate_context(keys, values, row_max, row_sum, context, DOT_DTYPE: tl.c
 def _context_partial_kernel(
     k_ptr,  # (B, heads, D, N) keys, q's dtype, strides stride_k*
     v_ptr,  # (B, heads, D, N) values, q's dtype, strides stride_v*
-    mem_k_ptr,  # (heads, D, M) fp32 memory keys, strides stride_mk*
-    mem_v_ptr,  # (heads, D, M) fp32 memory values, strides stride_mv*
     max_ptr,  # out: (B*heads, splits, D) fp32 per-row max of the split's keys
     sum_ptr,  # out: (B*heads, splits, D) fp32 per-row sum of exp(key - max)
     partial_ptr,  # out: (B*heads, splits, D, D) fp32 sum over the split of exp(key[c] - max[c]) value[e], at [c, e]
     heads,  # number of heads (program axis 0 enumerates b * heads + h)
     N,  # positions in k and v
-    M,  # memory slots, >= 0
     tiles_per_split,  # BLOCK_N-tiles of positions per program along axis 1
     stride_kb, stride_kh, stride_kd, stride_kn,  # k strides in elements
     stride_vb, stride_vh, stride_vd, stride_vn,  # v strides in elements
-    stride_mkh, stride_mkd, stride_mkm,  # mem_k strides in elements
-    stride_mvh, stride_mvd, stride_mvm,  # mem_v strides in elements
     D: tl.constexpr,  # head dim, a power of two in [16, 128]
     BLOCK_N: tl.constexpr,  # positions per tile
     UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    splits = tl.num_programs(1)
     batch = pid_bh // heads
     head = pid_bh % heads
     DOT_DTYPE: tl.constexpr = k_ptr.dtype.element_ty
@@ -129,23 +205,10 @@ def _context_partial_kernel(
     # int64 (b, head) offsets: B * heads * D * N can pass 2^31 elements; offsets inside one head cannot.
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
-    mem_k_base = mem_k_ptr + head * stride_mkh + offs_d[:, None] * stride_mkd
-    mem_v_base = mem_v_ptr + head * stride_mvh + offs_d[:, None] * stride_mvd
 
     row_max = tl.full([D], float("-inf"), tl.float32)
     row_sum = tl.zeros([D], tl.float32)
     context = tl.zeros([D, D], tl.float32)
-    # The memory slots are positions 0..M-1 of the key softmax; the first split takes them (M is a handful), which
-    # keeps every tile of k aligned to BLOCK_N for wide loads and needs no concatenated copy.
-    mem_tiles = tl.where(split == 0, tl.cdiv(M, BLOCK_N), 0)
-    for tile in range(0, mem_tiles):
-        pos = tile * BLOCK_N + offs_n
-        in_mem = pos[None, :] < M
-        keys = tl.load(mem_k_base + pos[None, :] * stride_mkm, mask=in_mem, other=float("-inf"))
-        values = tl.load(mem_v_base + pos[None, :] * stride_mvm, mask=in_mem, other=0.0)
-        # fp32 products: one tile per (b, head), and the fp32 memory slots keep their precision.
-        row_max, row_sum, context = _accumulate_context(keys, values, row_max, row_sum, context, tl.float32, UPCAST)
-
     first_tile = split * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(N, BLOCK_N))
     for tile in range(first_tile, last_tile):
@@ -155,7 +218,7 @@ def _context_partial_kernel(
         values = tl.load(v_base + pos[None, :] * stride_vn, mask=in_seq, other=0.0)
         row_max, row_sum, context = _accumulate_context(keys, values, row_max, row_sum, context, DOT_DTYPE, UPCAST)
 
-    part = pid_bh * splits + split
+    part = pid_bh * tl.num_programs(1) + split
     tl.store(max_ptr + part * D + offs_d, row_max)
     tl.store(sum_ptr + part * D + offs_d, row_sum)
     tl.store(partial_ptr + part * D * D + offs_d[:, None] * D + offs_d[None, :], context)
@@ -166,18 +229,38 @@ def _context_combine_kernel(
     max_ptr,  # (B*heads, splits, D) fp32 per-split row max
     sum_ptr,  # (B*heads, splits, D) fp32 per-split row sum of exp, relative to its max
     partial_ptr,  # (B*heads, splits, D, D) fp32 per-split unnormalized context, relative to its max
+    mem_k_ptr,  # (heads, D, M) fp32 memory keys, strides stride_mk*
+    mem_v_ptr,  # (heads, D, M) fp32 memory values, strides stride_mv*
     context_ptr,  # out: (B*heads, D, D) fp32 normalized context[c, e]
     lse_ptr,  # out: (B*heads, D) fp32 log-sum-exp of each key row over all M + N positions
+    heads,  # number of heads
     splits,  # number of splits
+    M,  # memory slots, >= 0
+    stride_mkh, stride_mkd, stride_mkm,  # mem_k strides in elements
+    stride_mvh, stride_mvd, stride_mvm,  # mem_v strides in elements
     D: tl.constexpr,  # head dim
     ROWS: tl.constexpr,  # context rows per program (program axis 1 enumerates blocks of rows)
+    BLOCK_M: tl.constexpr,  # memory slots per tile
+    UPCAST: tl.constexpr,  # interpreting (see _dot)
 ):
     pid_bh = tl.program_id(0)
+    head = pid_bh % heads
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
+    offs_m = tl.arange(0, BLOCK_M)
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
     context = tl.zeros([ROWS, D], tl.float32)
+    # The memory slots are positions 0..M-1 of the key softmax. Taking them here, a few (ROWS x BLOCK_M) tiles
+    # per program, keeps them out of the streaming kernels (whose k tiles stay BLOCK_N-aligned and whose
+    # registers stay free of fp32 products) and needs no concatenated copy. fp32 products: the slots are fp32.
+    for tile in range(0, tl.cdiv(M, BLOCK_M)):
+        pos = tile * BLOCK_M + offs_m
+        keys = tl.load(mem_k_ptr + head * stride_mkh + rows[:, None] * stride_mkd + pos[None, :] * stride_mkm,
+                       mask=pos[None, :] < M, other=float("-inf"))
+        values = tl.load(mem_v_ptr + head * stride_mvh + cols[:, None] * stride_mvd + pos[None, :] * stride_mvm,
+                         mask=pos[None, :] < M, other=0.0)
+        row_max, row_sum, context = _accumulate_context(keys, values, row_max, row_sum, context, tl.float32, UPCAST)
     # Fixed split order: the result does not depend on which program finished first.
     for split in range(0, splits):
         part = pid_bh * splits + split
@@ -215,9 +298,9 @@ def _output_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d[:, None] * stride_qd
     out_base = out_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
-    # Loaded transposed, [e, c], scaled once here rather than per position, and rounded once for the dots.
-    context_t = tl.load(context_ptr + pid_bh * D * D + offs_d[None, :] * D + offs_d[:, None]) * scale
-    context_t = context_t.to(DOT_DTYPE)
+    # [e, c], scaled once here rather than per position, and rounded once for the products.
+    context = tl.load(context_ptr + pid_bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+    context_t = (tl.trans(context) * scale).to(DOT_DTYPE)
 
     first_tile = tl.program_id(1) * tiles_per_program
     last_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(N, BLOCK_N))
@@ -259,8 +342,10 @@ def _query_grad_kernel(
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d[:, None] * stride_qd
     dout_base = dout_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_d[:, None] * stride_od
     dq_base = dq_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
-    # d(scaled query softmax)[c, n] = scale * sum_e context[c, e] dout[e, n]
-    context = (tl.load(context_ptr + pid_bh * D * D + offs_d[:, None] * D + offs_d[None, :]) * scale).to(DOT_DTYPE)
+    # d(scaled query softmax)[c, n] = scale * sum_e context[c, e] dout[e, n]; the context (a weighted average of
+    # values) is as bounded as they are, so it rounds to 16 bits without overflow.
+    context_t = tl.load(context_ptr + pid_bh * D * D + offs_d[None, :] * D + offs_d[:, None])
+    context_hi, context_lo = _hi_lo(tl.trans(context_t) * scale, DOT_DTYPE)
     dcontext = tl.zeros([D, D], tl.float32)
 
     first_tile = split * tiles_per_split
@@ -274,7 +359,7 @@ def _query_grad_kernel(
         q_exp = tl.exp(q - tl.max(q, axis=0)[None, :])
         probs = q_exp * (1.0 / tl.sum(q_exp, axis=0))[None, :]
         dcontext += _dot(probs, tl.trans(dout), DOT_DTYPE, UPCAST)
-        dprobs = _dot(context, dout, DOT_DTYPE, UPCAST)
+        dprobs = _dot_hi_lo(context_hi, context_lo, dout, DOT_DTYPE, UPCAST)
         # Softmax backward over the feature axis.
         dq = probs * (dprobs - tl.sum(probs * dprobs, axis=0)[None, :])
         tl.store(dq_base + pos[None, :], dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
@@ -287,66 +372,74 @@ def _query_grad_kernel(
 def _context_grad_combine_kernel(
     dpartial_ptr,  # (B*heads, splits, D, D) fp32 per-split parts of dcontext
     context_ptr,  # (B*heads, D, D) fp32 normalized context from the forward
+    lse_ptr,  # (B*heads, D) fp32 key log-sum-exp from the forward
+    mem_k_ptr,  # (heads, D, M) fp32 memory keys, strides stride_mk*
+    mem_v_ptr,  # (heads, D, M) fp32 memory values, strides stride_mv*
     dcontext_ptr,  # out: (B*heads, D, D) fp32 dcontext[c, e]
     rowdot_ptr,  # out: (B*heads, D) fp32 sum_e dcontext[c, e] context[c, e] = sum_j ks[c, j] dks[c, j]
+    dmem_k_ptr,  # out: (B*heads, D, M) fp32 memory-key gradient of each batch element
+    dmem_v_ptr,  # out: (B*heads, D / ROWS, D, M) fp32 memory-value gradient of each batch element and row block
+    heads,  # number of heads
     splits,  # number of splits
+    M,  # memory slots, >= 0
+    stride_mkh, stride_mkd, stride_mkm,  # mem_k strides in elements
+    stride_mvh, stride_mvd, stride_mvm,  # mem_v strides in elements
     D: tl.constexpr,  # head dim
     ROWS: tl.constexpr,  # rows per program (program axis 1 enumerates blocks of rows)
+    BLOCK_M: tl.constexpr,  # memory slots per tile
+    UPCAST: tl.constexpr,  # interpreting (see _dot)
 ):
     pid_bh = tl.program_id(0)
-    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    row_block = tl.program_id(1)
+    head = pid_bh % heads
+    rows = row_block * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, D)
+    offs_m = tl.arange(0, BLOCK_M)
     offsets = rows[:, None] * D + cols[None, :]
     dcontext = tl.zeros([ROWS, D], tl.float32)
     for split in range(0, splits):  # fixed order: deterministic
         dcontext += tl.load(dpartial_ptr + (pid_bh * splits + split) * D * D + offsets)
-    context = tl.load(context_ptr + pid_bh * D * D + offsets)
+    rowdot = tl.sum(dcontext * tl.load(context_ptr + pid_bh * D * D + offsets), axis=1)
     tl.store(dcontext_ptr + pid_bh * D * D + offsets, dcontext)
-    tl.store(rowdot_ptr + pid_bh * D + rows, tl.sum(dcontext * context, axis=1))
+    tl.store(rowdot_ptr + pid_bh * D + rows, rowdot)
 
-
-@triton.jit
-def _key_value_grads(
-    keys, values, lse, rowdot, dcontext, dcontext_t, dscale, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr
-):
-    """dkeys, dvalues (D, BLOCK_N) fp32 of one tile; keys -inf and values 0 outside the sequence.
-
-    dcontext, dcontext_t: (D, D) dcontext[c, e] and its transpose, divided by the scalar dscale.
-    """
-    key_probs = tl.exp(keys - lse[:, None])
-    dkey_probs = _dot(dcontext, values, DOT_DTYPE, UPCAST) * dscale
-    dkeys = key_probs * (dkey_probs - rowdot[:, None])
-    dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale
-    return dkeys, dvalues
+    # Memory slots: the gradients of _key_value_grad_kernel, on fp32 (ROWS x BLOCK_M) tiles. dmem_v sums over
+    # all D rows, so each row block writes its own part; torch adds them with the batch, in a fixed order.
+    lse = tl.load(lse_ptr + pid_bh * D + rows)
+    for tile in range(0, tl.cdiv(M, BLOCK_M)):
+        pos = tile * BLOCK_M + offs_m
+        in_mem = pos[None, :] < M
+        keys = tl.load(mem_k_ptr + head * stride_mkh + rows[:, None] * stride_mkd + pos[None, :] * stride_mkm,
+                       mask=in_mem, other=float("-inf"))
+        values = tl.load(mem_v_ptr + head * stride_mvh + cols[:, None] * stride_mvd + pos[None, :] * stride_mvm,
+                         mask=in_mem, other=0.0)
+        key_probs = tl.exp(keys - lse[:, None])
+        dkeys = key_probs * (_dot(dcontext, values, tl.float32, UPCAST) - rowdot[:, None])
+        dvalues = _dot(tl.trans(dcontext), key_probs, tl.float32, UPCAST)
+        tl.store(dmem_k_ptr + pid_bh * D * M + rows[:, None] * M + pos[None, :], dkeys, mask=in_mem)
+        dmem_v_block = dmem_v_ptr + (pid_bh * (D // ROWS) + row_block) * D * M
+        tl.store(dmem_v_block + cols[:, None] * M + pos[None, :], dvalues, mask=in_mem)
 
 
 @triton.jit
 def _key_value_grad_kernel(
     k_ptr,  # (B, heads, D, N) keys, strides stride_k*
     v_ptr,  # (B, heads, D, N) values, strides stride_v*
-    mem_k_ptr,  # (heads, D, M) fp32 memory keys, strides stride_mk*
-    mem_v_ptr,  # (heads, D, M) fp32 memory values, strides stride_mv*
     lse_ptr,  # (B*heads, D) fp32 key log-sum-exp from the forward
     dcontext_ptr,  # (B*heads, D, D) fp32 dcontext[c, e]
     rowdot_ptr,  # (B*heads, D) fp32 per-row sum_j ks dks
     dk_ptr,  # out: (B, heads, D, N) contiguous, q's dtype
     dv_ptr,  # out: (B, heads, D, N) contiguous, q's dtype
-    dmem_k_ptr,  # out: (B, heads, D, M) contiguous fp32, per-batch memory-key gradient
-    dmem_v_ptr,  # out: (B, heads, D, M) contiguous fp32, per-batch memory-value gradient
     heads,  # number of heads
     N,  # positions in k and v
-    M,  # memory slots, >= 0
     tiles_per_program,  # BLOCK_N-tiles of positions per program along axis 1
     stride_kb, stride_kh, stride_kd, stride_kn,  # k strides in elements
     stride_vb, stride_vh, stride_vd, stride_vn,  # v strides in elements
-    stride_mkh, stride_mkd, stride_mkm,  # mem_k strides in elements
-    stride_mvh, stride_mvd, stride_mvm,  # mem_v strides in elements
     D: tl.constexpr,  # head dim
     BLOCK_N: tl.constexpr,  # positions per tile
     UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
 ):
     pid_bh = tl.program_id(0)
-    program = tl.program_id(1)
     batch = pid_bh // heads
     head = pid_bh % heads
     DOT_DTYPE: tl.constexpr = k_ptr.dtype.element_ty
@@ -359,38 +452,24 @@ def _key_value_grad_kernel(
     lse = tl.load(lse_ptr + pid_bh * D + offs_d)
     rowdot = tl.load(rowdot_ptr + pid_bh * D + offs_d)
     dcontext = tl.load(dcontext_ptr + pid_bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-    dcontext_t = tl.trans(dcontext)
-
-    # Memory slots, by the first program of each (b, head): gradients per batch, summed over it by the caller.
-    mem_k_base = mem_k_ptr + head * stride_mkh + offs_d[:, None] * stride_mkd
-    mem_v_base = mem_v_ptr + head * stride_mvh + offs_d[:, None] * stride_mvd
-    dmem_offset = pid_bh * D * M + offs_d[:, None] * M
-    mem_tiles = tl.where(program == 0, tl.cdiv(M, BLOCK_N), 0)
-    for tile in range(0, mem_tiles):
-        pos = tile * BLOCK_N + offs_n
-        in_mem = pos[None, :] < M
-        keys = tl.load(mem_k_base + pos[None, :] * stride_mkm, mask=in_mem, other=float("-inf"))
-        values = tl.load(mem_v_base + pos[None, :] * stride_mvm, mask=in_mem, other=0.0)
-        # fp32 products, as in the forward: the memory slots' gradients are fp32 and their key probabilities can
-        # be far below fp16's smallest normal.
-        dkeys, dvalues = _key_value_grads(keys, values, lse, rowdot, dcontext, dcontext_t, 1.0, tl.float32, UPCAST)
-        tl.store(dmem_k_ptr + dmem_offset + pos[None, :], dkeys, mask=in_mem)
-        tl.store(dmem_v_ptr + dmem_offset + pos[None, :], dvalues, mask=in_mem)
-
     # Rounded once for the loop's products, after division by a power of two at least its largest magnitude:
     # dcontext sums dout over all positions and can pass fp16's 65504 under loss scaling while dk and dv do not.
-    dscale = tl.exp2(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(dcontext), axis=1), axis=0))))
-    dscale = tl.where(dscale > 0, dscale, 1.0)
-    dcontext = (dcontext / dscale).to(DOT_DTYPE)
-    dcontext_t = (dcontext_t / dscale).to(DOT_DTYPE)
-    first_tile = program * tiles_per_program
+    dscale = _power_of_two_scale(dcontext)
+    dcontext_t = (tl.trans(dcontext) / dscale).to(DOT_DTYPE)
+    dcontext_hi, dcontext_lo = _hi_lo(dcontext / dscale, DOT_DTYPE)
+
+    first_tile = tl.program_id(1) * tiles_per_program
     last_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(N, BLOCK_N))
     for tile in range(first_tile, last_tile):
         pos = tile * BLOCK_N + offs_n
         in_seq = pos[None, :] < N
         keys = tl.load(k_base + pos[None, :] * stride_kn, mask=in_seq, other=float("-inf")).to(tl.float32)
         values = tl.load(v_base + pos[None, :] * stride_vn, mask=in_seq, other=0.0)
-        dkeys, dvalues = _key_value_grads(keys, values, lse, rowdot, dcontext, dcontext_t, dscale, DOT_DTYPE, UPCAST)
+        # Position-softmax backward: dks = dcontext V, dk = ks (dks - sum_j ks dks), dv = dcontext^T ks.
+        key_probs = tl.exp(keys - lse[:, None])
+        dkey_probs = _dot_hi_lo(dcontext_hi, dcontext_lo, values, DOT_DTYPE, UPCAST) * dscale
+        dkeys = key_probs * (dkey_probs - rowdot[:, None])
+        dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale
         tl.store(dk_base + pos[None, :], dkeys.to(dk_ptr.dtype.element_ty), mask=in_seq)
         tl.store(dv_base + pos[None, :], dvalues.to(dv_ptr.dtype.element_ty), mask=in_seq)
 
@@ -408,64 +487,58 @@ class _Blocks:
 
 
 def _gpu_blocks(head_dim, dtype):
-    """Tile shape and launch options on the GPU for a head dim and input dtype (the only thing they depend on).
+    """Tile shape and launch options on the GPU for a head dim and input dtype (the only things they depend on).
 
-    A (D, BLOCK_N) fp32 tile is kept at ~32 registers a thread (4096 elements on 4 warps, 8192 on 8); BLOCK_N
-    stays >= 64 so each feature row of a tile is >= 128 contiguous bytes of a 16-bit NCHW tensor.
+    16-bit: a (D, BLOCK_N) fp32 tile is ~16 registers a thread, and each feature row of a tile is >= 128
+    contiguous bytes of an NCHW tensor. fp32: the exact products run on FMA units, whose operands take
+    registers in proportion to the tile, so the tiles shrink as D grows (no spills at any D; see the AOT test).
     """
-    block_n = {16: 256, 32: 128, 64: 128, 128: 64}[head_dim]
-    num_warps = 4 if head_dim <= 32 else 8
-    # Two stages of loads in flight; fp32 at D >= 64 would need > 128 KiB of shared memory for three.
-    num_stages = 2 if dtype == torch.float32 and head_dim >= 64 else 3
+    if dtype == torch.float32:
+        block_n, num_warps, num_stages = {16: (64, 8, 2), 32: (32, 8, 2), 64: (16, 8, 1), 128: (16, 8, 1)}[head_dim]
+    else:
+        block_n, num_warps, num_stages = {16: (128, 4, 3), 32: (128, 8, 2), 64: (32, 8, 3), 128: (16, 8, 3)}[head_dim]
     return _Blocks(block_n, num_warps, num_stages)
 
 
-def _blocks(head_dim, dtype):
+def _blocks(n, head_dim, dtype):
     if INTERPRETING:
-        return _Blocks(INTERPRETER_BLOCK_N, 4, 1)
+        # The interpreter's cost is per op: 128-position tiles take a 64x64 image's attention (as the whole-Unet
+        # tests run it) in a quarter of the time of 32-position ones, which small N keep so that the test shapes
+        # (N = 35 to 100) still go through the online rescaling over several tiles.
+        return _Blocks(32 if n <= 256 else 128, 4, 1)
     return _gpu_blocks(head_dim, dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device):
-    """Programs that fill the device a few waves deep; 1 under the interpreter (cost is per program)."""
-    if INTERPRETING or device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * PROGRAMS_PER_SM
-
-
-def _tiles_per_program(batch_heads, tiles, target_programs, lower, upper):
-    """Tiles each program spans so that batch_heads * programs is about target_programs, within [lower, upper]."""
-    per_program = -(-(batch_heads * tiles) // max(target_programs, 1))
-    return max(1, min(max(per_program, lower), upper, tiles))
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split(tiles, tiles_per_program):
-    """(tiles per program, programs per (b, head)), with every program given at least one tile."""
+    """(tiles per program, programs per (b, head)): every program gets at least one tile."""
     tiles_per_program = max(1, min(tiles_per_program, tiles))
     return tiles_per_program, max(1, -(-tiles // tiles_per_program))
 
 
 def _plans(batch_heads, n, head_dim, dtype, device, num_splits):
-    """Blocks, and (tiles per program, programs per (b, head)) for the reduction and the map passes.
+    """Blocks, and (tiles per program, programs per (b, head)) for the reduction and for the map passes.
 
-    num_splits > 0 forces the reduction split count (capped at the tile count), e.g. to test the combine.
+    num_splits > 0 forces the number of reduction splits (at most one a tile), e.g. to test their combination.
     """
-    blocks = _blocks(head_dim, dtype)
+    blocks = _blocks(n, head_dim, dtype)
     tiles = -(-n // blocks.block_n)
-    target = _target_programs(device)
-    if num_splits > 0:
-        reduce = _split(tiles, -(-tiles // num_splits))
-    else:
-        reduce = _split(tiles, _tiles_per_program(batch_heads, tiles, target, MIN_TILES_PER_SPLIT, tiles))
-    mapping = _split(tiles, _tiles_per_program(batch_heads, tiles, target, 1, MAX_TILES_PER_PROGRAM))
     if INTERPRETING:
-        mapping = _split(tiles, tiles)
-    return blocks, reduce, mapping
+        # The interpreter's cost is per program: one per (b, head).
+        reduce_tiles = map_tiles = tiles
+    else:
+        # B * heads * programs ~ PROGRAMS_PER_SM per SM, within each pass's bounds on the tiles per program.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        per_program = -(-batch_heads * tiles // (_sm_count(index) * PROGRAMS_PER_SM))
+        reduce_tiles = max(per_program, MIN_TILES_PER_SPLIT)
+        map_tiles = min(per_program, MAX_TILES_PER_PROGRAM)
+    if num_splits > 0:
+        reduce_tiles = -(-tiles // num_splits)
+    return blocks, _split(tiles, reduce_tiles), _split(tiles, map_tiles)
 
 
 def _check_head_dim(head_dim):
@@ -474,8 +547,8 @@ def _check_head_dim(head_dim):
 
 
 def _float_memory(mem, dummy):
-    """fp32 memory slots (a no-op when they are fp32 already); with M = 0, `dummy`, a valid fp32 3-d tensor that
-    is never read, so the kernel signature (and its compiled variant) stays the same."""
+    """fp32 memory slots (a no-op when they are fp32 already); with M = 0, `dummy`, a valid fp32 tensor that is
+    never read, so that the kernel signature (and its compiled variant) stays the same."""
     return mem.float() if mem.shape[-1] > 0 else dummy
 
 
@@ -491,7 +564,6 @@ def linear_attention_forward(
     """(out, context, lse): out (B, heads, d, N) contiguous in q.dtype; context (B, heads, d, d) fp32 [c, e];
     lse (B, heads, d) fp32 log-sum-exp of each key row over the M + N positions. See linear_attention."""
     batch, heads, head_dim, n = q.shape
-    m = mem_k.shape[-1]
     _check_head_dim(head_dim)
     out = torch.empty((batch, heads, head_dim, n), dtype=q.dtype, device=q.device)
     context = torch.empty((batch, heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
@@ -502,18 +574,18 @@ def linear_attention_forward(
     blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
         batch_heads, n, head_dim, q.dtype, q.device, num_splits
     )
-    mem_k32, mem_v32 = _float_memory(mem_k, lse), _float_memory(mem_v, lse)
+    options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     stats = torch.empty((2, batch_heads, splits, head_dim), dtype=torch.float32, device=q.device)
     partial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
-    options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     _context_partial_kernel[(batch_heads, splits)](
-        k, v, mem_k32, mem_v32, stats[0], stats[1], partial, heads, n, m, tiles_per_split,
-        *k.stride(), *v.stride(), *mem_k32.stride(), *mem_v32.stride(),
+        k, v, stats[0], stats[1], partial, heads, n, tiles_per_split, *k.stride(), *v.stride(),
         D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
     )  # fmt: skip
+    mem_k32, mem_v32 = _float_memory(mem_k, lse), _float_memory(mem_v, lse)
     _context_combine_kernel[(batch_heads, head_dim // COMBINE_ROWS)](
-        stats[0], stats[1], partial, context, lse, splits, D=head_dim, ROWS=COMBINE_ROWS
-    )
+        stats[0], stats[1], partial, mem_k32, mem_v32, context, lse, heads, splits, mem_k.shape[-1],
+        *mem_k32.stride(), *mem_v32.stride(), D=head_dim, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING,
+    )  # fmt: skip
     if n > 0:
         _output_kernel[(batch_heads, programs)](
             q, context, out, heads, n, tiles_per_program, head_dim**-0.5, *q.stride(),
@@ -549,37 +621,37 @@ def linear_attention_backward(
     batch, heads, head_dim, n = q.shape
     m = mem_k.shape[-1]
     dq, dk, dv = (torch.empty((batch, heads, head_dim, n), dtype=q.dtype, device=q.device) for _ in range(3))
-    # Every (b, head)'s first key/value program writes all M slots of its row.
-    dmem = torch.empty((2, batch, heads, head_dim, m), dtype=torch.float32, device=q.device)
     batch_heads = batch * heads
-    if batch_heads == 0:
-        return dq, dk, dv, dmem[0].sum(0).to(mem_k.dtype), dmem[1].sum(0).to(mem_v.dtype)
-    blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
-        batch_heads, n, head_dim, q.dtype, q.device, num_splits
-    )
-    mem_k32, mem_v32 = _float_memory(mem_k, lse), _float_memory(mem_v, lse)
-    options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    dpartial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
-    if n > 0:
+    row_blocks = head_dim // COMBINE_ROWS
+    # Memory-slot gradients of each batch element (and, for dmem_v, each row block), summed below.
+    dmem_k = torch.empty((batch, heads, head_dim, m), dtype=torch.float32, device=q.device)
+    dmem_v = torch.empty((batch, heads, row_blocks, head_dim, m), dtype=torch.float32, device=q.device)
+    if batch_heads > 0:
+        blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
+            batch_heads, n, head_dim, q.dtype, q.device, num_splits
+        )
+        options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        dpartial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
         _query_grad_kernel[(batch_heads, splits)](
             q, dout, context, dq, dpartial, heads, n, tiles_per_split, head_dim**-0.5, *q.stride(), *dout.stride(),
             D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
         )  # fmt: skip
-    else:
-        dpartial.zero_()
-    dcontext = torch.empty((batch_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
-    rowdot = torch.empty((batch_heads, head_dim), dtype=torch.float32, device=q.device)
-    _context_grad_combine_kernel[(batch_heads, head_dim // COMBINE_ROWS)](
-        dpartial, context, dcontext, rowdot, splits, D=head_dim, ROWS=COMBINE_ROWS
-    )
-    dmem_k, dmem_v = (dmem[0], dmem[1]) if m > 0 else (rowdot, rowdot)  # never written when M = 0
-    _key_value_grad_kernel[(batch_heads, programs)](
-        k, v, mem_k32, mem_v32, lse, dcontext, rowdot, dk, dv, dmem_k, dmem_v, heads, n, m, tiles_per_program,
-        *k.stride(), *v.stride(), *mem_k32.stride(), *mem_v32.stride(),
-        D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
-    )  # fmt: skip
-    # Memory slots are shared by the batch: a fixed-order torch sum of per-batch gradients, no atomics.
-    return dq, dk, dv, dmem[0].sum(0).to(mem_k.dtype), dmem[1].sum(0).to(mem_v.dtype)
+        dcontext = torch.empty((batch_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
+        rowdot = torch.empty((batch_heads, head_dim), dtype=torch.float32, device=q.device)
+        mem_k32, mem_v32 = _float_memory(mem_k, lse), _float_memory(mem_v, lse)
+        _context_grad_combine_kernel[(batch_heads, row_blocks)](
+            dpartial, context, lse, mem_k32, mem_v32, dcontext, rowdot,
+            dmem_k if m > 0 else rowdot, dmem_v if m > 0 else rowdot,  # never written when M = 0
+            heads, splits, m, *mem_k32.stride(), *mem_v32.stride(),
+            D=head_dim, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING,
+        )  # fmt: skip
+        if n > 0:
+            _key_value_grad_kernel[(batch_heads, programs)](
+                k, v, lse, dcontext, rowdot, dk, dv, heads, n, tiles_per_program, *k.stride(), *v.stride(),
+                D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
+            )  # fmt: skip
+    # The memory slots are shared by the batch: fixed-order torch sums, no atomics.
+    return dq, dk, dv, dmem_k.sum(0).to(mem_k.dtype), dmem_v.sum((0, 2)).to(mem_v.dtype)
 
 
 @linear_attention_backward.register_fake
@@ -610,6 +682,13 @@ def _backward(ctx, dout, _dcontext, _dlse):
 linear_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def unsupported_reason(q, k, v, mem_k, mem_v):
+    """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None."""
+    if q.shape[2] not in HEAD_DIMS:
+        return f"the linear attention kernels take head dims {HEAD_DIMS}, got {q.shape[2]}"
+    return None
+
+
 def linear_attention(q, k, v, mem_k, mem_v, *, num_splits=0):
     """Upstream's linear attention with memory key/values (fastunet.reference.linear_attention), in Triton.
 
@@ -627,71 +706,44 @@ def linear_attention(q, k, v, mem_k, mem_v, *, num_splits=0):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Pointers to tensors of the input dtype; every other pointer is fp32.
+_INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+
+
+def _signature(kernel, pointer_type, constexprs):
+    """Triton signature of `kernel` with inputs of `pointer_type`, `constexprs` fixed (strides of 1 included)."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_type if name in _INPUT_DTYPE_POINTERS else "*fp32"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    return signature
+
+
 def gpu_compile_configs():
     """Every (kernel, signature, constexprs, options) a GPU launch can select: per input dtype and head dim.
 
-    Strides along positions are given as 1, as Triton specializes them for NCHW inputs (the Unet's layout).
+    Strides along positions are given as 1: Triton specializes them so for NCHW inputs (the Unet's layout).
     """
     configs = []
-    for dtype, pointer in _POINTER_TYPES.items():
+    for dtype, pointer_type in _POINTER_TYPES.items():
         for head_dim in HEAD_DIMS:
             blocks = _gpu_blocks(head_dim, dtype)
             options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
             tile = {"D": head_dim, "BLOCK_N": blocks.block_n, "UPCAST": False}
-            f32 = "*fp32"
-            qkv_strides = lambda name: {f"stride_{name}{a}": "i32" for a in "bhd"}  # noqa: E731
-            mem_strides = {f"stride_m{t}{a}": "i32" for t in "kv" for a in "hdm"}
-            positions_unit = lambda *names: {f"stride_{name}n": 1 for name in names}  # noqa: E731
-            configs.append((
-                _context_partial_kernel,
-                {"k_ptr": pointer, "v_ptr": pointer, "mem_k_ptr": f32, "mem_v_ptr": f32, "max_ptr": f32,
-                 "sum_ptr": f32, "partial_ptr": f32, "heads": "i32", "N": "i32", "M": "i32",
-                 "tiles_per_split": "i32", **qkv_strides("k"), "stride_kn": "constexpr", **qkv_strides("v"),
-                 "stride_vn": "constexpr", **mem_strides, **{name: "constexpr" for name in tile}},
-                {**positions_unit("k", "v"), **tile},
-                options,
-            ))  # fmt: skip
-            configs.append((
-                _output_kernel,
-                {"q_ptr": pointer, "context_ptr": f32, "out_ptr": pointer, "heads": "i32", "N": "i32",
-                 "tiles_per_program": "i32", "scale": "fp32", **qkv_strides("q"), "stride_qn": "constexpr",
-                 **{name: "constexpr" for name in tile}},
-                {**positions_unit("q"), **tile},
-                options,
-            ))  # fmt: skip
-            configs.append((
-                _query_grad_kernel,
-                {"q_ptr": pointer, "dout_ptr": pointer, "context_ptr": f32, "dq_ptr": pointer, "dpartial_ptr": f32,
-                 "heads": "i32", "N": "i32", "tiles_per_split": "i32", "scale": "fp32", **qkv_strides("q"),
-                 "stride_qn": "constexpr", **qkv_strides("o"), "stride_on": "constexpr",
-                 **{name: "constexpr" for name in tile}},
-                {**positions_unit("q", "o"), **tile},
-                options,
-            ))  # fmt: skip
-            configs.append((
-                _key_value_grad_kernel,
-                {"k_ptr": pointer, "v_ptr": pointer, "mem_k_ptr": f32, "mem_v_ptr": f32, "lse_ptr": f32,
-                 "dcontext_ptr": f32, "rowdot_ptr": f32, "dk_ptr": pointer, "dv_ptr": pointer, "dmem_k_ptr": f32,
-                 "dmem_v_ptr": f32, "heads": "i32", "N": "i32", "M": "i32", "tiles_per_program": "i32",
-                 **qkv_strides("k"), "stride_kn": "constexpr", **qkv_strides("v"), "stride_vn": "constexpr",
-                 **mem_strides, **{name: "constexpr" for name in tile}},
-                {**positions_unit("k", "v"), **tile},
-                options,
-            ))  # fmt: skip
+            for kernel, unit_strides in (
+                (_context_partial_kernel, ("stride_kn", "stride_vn")),
+                (_output_kernel, ("stride_qn",)),
+                (_query_grad_kernel, ("stride_qn", "stride_on")),
+                (_key_value_grad_kernel, ("stride_kn", "stride_vn")),
+            ):
+                constexprs = {**dict.fromkeys(unit_strides, 1), **tile}
+                configs.append((kernel, _signature(kernel, pointer_type, constexprs), constexprs, options))
     for head_dim in HEAD_DIMS:  # the combines read and write fp32 only
-        rows = {"D": head_dim, "ROWS": COMBINE_ROWS}
-        configs.append((
-            _context_combine_kernel,
-            {"max_ptr": "*fp32", "sum_ptr": "*fp32", "partial_ptr": "*fp32", "context_ptr": "*fp32",
-             "lse_ptr": "*fp32", "splits": "i32", "D": "constexpr", "ROWS": "constexpr"},
-            rows,
-            {"num_warps": 4},
-        ))  # fmt: skip
-        configs.append((
-            _context_grad_combine_kernel,
-            {"dpartial_ptr": "*fp32", "context_ptr": "*fp32", "dcontext_ptr": "*fp32", "rowdot_ptr": "*fp32",
-             "splits": "i32", "D": "constexpr", "ROWS": "constexpr"},
-            rows,
-            {"num_warps": 4},
-        ))  # fmt: skip
+        constexprs = {"D": head_dim, "ROWS": COMBINE_ROWS, "BLOCK_M": MEMORY_BLOCK, "UPCAST": False}
+        for kernel in (_context_combine_kernel, _context_grad_combine_kernel):
+            configs.append((kernel, _signature(kernel, "*fp32", constexprs), constexprs, {"num_warps": 4}))
     return configs

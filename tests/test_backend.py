@@ -64,3 +64,16 @@ def test_triton_on_cpu_without_interpreter_is_an_error():
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "RAISED fastunet backend 'triton' was requested for rms_norm_act on a cpu tensor" in run.stdout, run.stderr
+
+
+def test_unsupported_head_dim_auto_uses_reference_and_triton_raises():
+    if not (backend.TRITON_INSTALLED and backend.TRITON_INTERPRETING) and not torch.cuda.is_available():
+        pytest.skip("needs Triton to be runnable here (a GPU or the interpreter)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = torch.randn(3, 1, 2, 24, 5, device=device)  # linear attention kernels take d in (16, 32, 64, 128)
+    mem_k, mem_v = torch.randn(2, 2, 24, 4, device=device)
+    with fastunet.use_backend("auto"):
+        out = functional.linear_attention(q, k, v, mem_k, mem_v)
+    torch.testing.assert_close(out, reference.linear_attention(q, k, v, mem_k, mem_v))
+    with fastunet.use_backend("triton"), pytest.raises(RuntimeError, match=r"head dims .* got 24"):
+        functional.linear_attention(q, k, v, mem_k, mem_v)

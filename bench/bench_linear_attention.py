@@ -1,0 +1,95 @@
+"""Linear attention with memory key/values: the Triton kernel against the reference, eager and torch.compile'd.
+
+Target (H100, /work/shared/performance.md): B 32, 4 heads, d 32, N 16384 (128x128) + 4 memory slots, bf16:
+forward >= 70% of HBM bandwidth, forward+backward >= 3x eager.
+
+Implementations, each on the same inputs:
+- triton: fastunet.kernels.linear_attention.linear_attention;
+- reference / reference_compiled: fastunet.reference.linear_attention (fp32 math), eager (the group baseline,
+  see bench/conftest.py) and under torch.compile.
+Inputs as the Unet makes them: q, k, v are views of a to_qkv output (B, 3*heads*d, H, W), NCHW, in the benchmark
+dtype; the memory slots mem_kv (2, heads, d, M) are fp32, as the parameter stays under autocast.
+Passes: "forward" (no grad) and "forward_backward" (forward, then the gradients of qkv and mem_kv from a fixed
+output gradient).
+Bytes (the minimum HBM traffic, memory slots and d x d statistics neglected), T = B*heads*d*N elements:
+forward reads q, k, v and writes out: 4 T; the backward reads q, k, v, dout and writes dq, dk, dv: 7 T; so
+forward_backward counts 11 T. GB/s and %HBM in extra_info come from the device median (triton.testing.do_bench).
+Everything skips without a CUDA GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from measure import CUDA, GPU_ONLY_REASON, run_benchmark
+
+pytestmark = pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
+
+BATCH, HEADS, HEAD_DIM, MEM = 32, 4, 32, 4
+# (dtype, N): bf16 at three resolutions of the Unet (32x32, 64x64, 128x128); fp32 at the largest only.
+CASES = [(torch.bfloat16, 1024), (torch.bfloat16, 4096), (torch.bfloat16, 16384), (torch.float32, 16384)]
+IMPLEMENTATIONS = ["triton", "reference", "reference_compiled"]
+TENSORS_MOVED = {"forward": 4, "forward_backward": 11}
+
+_compiled_reference = None
+
+
+def _implementation(name):
+    global _compiled_reference
+    if name == "triton":
+        from fastunet.kernels.linear_attention import linear_attention
+
+        return linear_attention
+    from fastunet.reference import linear_attention
+
+    if name == "reference":
+        return linear_attention
+    if _compiled_reference is None:
+        _compiled_reference = torch.compile(linear_attention)
+    return _compiled_reference
+
+
+def _inputs(dtype, n, requires_grad):
+    """The to_qkv output (B, 3*heads*d, H, W) in dtype, fp32 memory slots (2, heads, d, M), an output gradient."""
+    side = math.isqrt(n)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(BATCH, 3 * HEADS * HEAD_DIM, side, side, device="cuda", dtype=dtype, generator=generator)
+    mem_kv = torch.randn(2, HEADS, HEAD_DIM, MEM, device="cuda", generator=generator)
+    grad = torch.randn(BATCH, HEADS, HEAD_DIM, n, device="cuda", dtype=dtype, generator=generator)
+    return qkv.requires_grad_(requires_grad), mem_kv.requires_grad_(requires_grad), grad
+
+
+def _split(qkv, mem_kv):
+    """q, k, v (B, heads, d, H*W) views of qkv, as upstream's rearrange makes them, and mem_k, mem_v."""
+    q, k, v = (t.view(BATCH, HEADS, HEAD_DIM, -1) for t in qkv.chunk(3, dim=1))
+    return q, k, v, mem_kv[0], mem_kv[1]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0]).replace('torch.', '')}-N{c[1]}")
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+def test_linear_attention(benchmark, implementation, case, mode):
+    dtype, n = case
+    benchmark.group = f"linear_attention-{mode}-{str(dtype).replace('torch.', '')}-N{n}"
+    requires_grad = mode == "forward_backward"
+    qkv, mem_kv, grad = _inputs(dtype, n, requires_grad)
+    fn = _implementation(implementation)
+
+    if requires_grad:
+
+        def step():
+            return torch.autograd.grad(fn(*_split(qkv, mem_kv)), (qkv, mem_kv), grad)
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                return fn(*_split(qkv, mem_kv))
+
+    tensor_bytes = BATCH * HEADS * HEAD_DIM * n * qkv.element_size()
+    run_benchmark(benchmark, step, bytes_moved=TENSORS_MOVED[mode] * tensor_bytes, rounds=10,
+                  baseline=implementation == "reference", batch=BATCH, heads=HEADS, head_dim=HEAD_DIM, n=n,
+                  mem=MEM, dtype=str(dtype))  # fmt: skip
+    del qkv, mem_kv, grad
+    torch.cuda.empty_cache()

@@ -14,7 +14,9 @@ from fastunet.checks import check_same_device, check_tensor
 # op name -> module of fastunet.kernels that implements it with Triton (a function of the same name).
 TRITON_KERNELS = {
     "attention": "fastunet.kernels.attention",
+    "group_norm_act": "fastunet.kernels.group_norm",
     "linear_attention": "fastunet.kernels.linear_attention",
+    "rms_norm_act": "fastunet.kernels.rms_norm",
 }
 
 

@@ -1,0 +1,92 @@
+"""Fused channel RMSNorm + scale/shift + SiLU: Triton against the reference, eager and under torch.compile.
+
+    pytest bench/bench_rms_norm.py --benchmark-only
+
+On a GPU each case records the device median (do_bench) and the achieved bandwidth in benchmark.extra_info,
+counting the op's minimum traffic: forward x read + y written; backward x and dy read + dx written;
+forward+backward the sum of both. g, scale and shift (O(B*C)) are left out. The inputs are a 2.x ResnetBlock's
+block1 under autocast: x in the benchmark's dtype, g fp32, scale and shift the two halves of one (B, 2C) tensor
+of x's dtype, SiLU on.
+"""
+
+import pytest
+import torch
+
+from fastunet import reference
+from fastunet.kernels.rms_norm import rms_norm_act
+from measure import CUDA, GPU_ONLY_REASON, run_benchmark
+
+pytestmark = [
+    pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON),
+    # Timings come from do_bench (in extra_info); pytest-benchmark's own rounds only need to be few.
+    pytest.mark.benchmark(max_time=0.2, min_rounds=3, warmup=False),
+]
+
+# Unet(dim=64) at 128x128, batch 32: the first stage (also in fp32), a middle one, the bottleneck of a 64x64 Unet.
+CASES = [
+    ((32, 64, 128, 128), torch.bfloat16),
+    ((32, 64, 128, 128), torch.float32),
+    ((32, 256, 32, 32), torch.bfloat16),
+    ((32, 512, 8, 8), torch.bfloat16),
+]
+IMPLEMENTATIONS = ("triton", "eager", "compiled")
+PASSES = ("forward", "backward", "forward_backward")
+
+if CUDA:
+    # One compiled reference re-specialised per shape, dtype and layout: more than dynamo's default 8 variants.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    _compiled_reference = torch.compile(reference.rms_norm_act, dynamic=False)
+
+
+def _implementation(name):
+    return {"triton": rms_norm_act, "eager": reference.rms_norm_act, "compiled": _compiled_reference}[name]
+
+
+def _inputs(shape, dtype, channels_last, requires_grad):
+    batch, channels = shape[:2]
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = 1 + 0.1 * torch.randn(channels, device="cuda")
+    time_embedding = 0.1 * torch.randn(batch, 2 * channels, device="cuda", dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, g, time_embedding)]
+
+
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, dtype", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_rms_norm(benchmark, shape, dtype, channels_last, implementation, pass_):
+    fn = _implementation(implementation)
+    layout = "channels_last" if channels_last else "nchw"
+    # One group per case, eager reference as its baseline (bench/conftest.py reports the others' speedups).
+    benchmark.group = f"rms_norm {'x'.join(map(str, shape))} {str(dtype)[6:]} {layout} {pass_}"
+    benchmark.extra_info["baseline"] = implementation == "eager"
+    x, g, time_embedding = _inputs(shape, dtype, channels_last, requires_grad=pass_ != "forward")
+
+    def forward():
+        scale, shift = time_embedding.chunk(2, dim=1)
+        return fn(x, g, scale, shift, True, 1e-12)
+
+    element_bytes = x.numel() * x.element_size()
+    leaves = (x, g, time_embedding)
+    if pass_ == "forward":
+        def step():
+            with torch.no_grad():
+                return forward()
+        bytes_moved = 2 * element_bytes
+    elif pass_ == "backward":
+        y = forward()
+        grad_y = torch.randn_like(y)
+
+        def step():
+            return torch.autograd.grad(y, leaves, grad_y, retain_graph=True)
+        bytes_moved = 3 * element_bytes
+    else:
+        grad_y = torch.randn_like(forward())
+
+        def step():
+            return torch.autograd.grad(forward(), leaves, grad_y)
+        bytes_moved = 5 * element_bytes
+    run_benchmark(benchmark, step, bytes_moved=bytes_moved, op="rms_norm_act", shape=list(shape), dtype=str(dtype),
+                  layout=layout, implementation=implementation, pass_=pass_)

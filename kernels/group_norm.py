@@ -1,0 +1,676 @@
+"""Fused GroupNorm + time scale/shift + SiLU in Triton, forward and backward, as torch.library custom ops.
+
+Computes `act(group_norm(x) * (scale + 1) + shift)` exactly as fastunet.reference.group_norm_act defines it.
+
+Design. x (B, C, H, W) is read as B*C rows of H*W pixels (kernels/scale_shift_act.py: NCHW and channels_last in
+place). A program owns a *pack*: `groups_per_pack` consecutive groups of one batch (their rows are consecutive
+channels), and walks it in [BLOCK_ROWS, BLOCK_PIXELS] tiles:
+- phase A: per-row mean and M2 over the pixels (two passes inside each tile, Chan's combine across tiles), then
+  per-group statistics from the rows of the pack (Chan again, lanes of one group reduced in the same order, so
+  every row of a group holds bitwise-equal statistics);
+- phase B: `y = act(x * alpha + beta)` with per-row alpha = rstd * weight * (1 + scale) and
+  beta = (bias - mean * rstd * weight) * (1 + scale) + shift, walking the tiles in reverse order so that the
+  most recently read ones, still in L2, come first (phase A reads with evict_last, phase B with evict_first).
+The backward is the same walk: phase A sums du * xhat and du per row (du = dL/d(pre-activation)), phase B
+writes dx = rstd * (gamma * du - mean_group(gamma * du) - xhat * mean_group(gamma * du * xhat)) with
+gamma = weight * (1 + scale); the parameter gradients come from the per-row sums (grads_from_sums).
+
+Three regimes, chosen by `plan_group_norm` from the shape (no autotuning):
+- many big groups: one program per SM or so, each looping over packs (a persistent grid): the groups being read
+  at any time (programs x group bytes) stay within L2, so phase B reads hit L2 and x comes from HBM once;
+- few big groups (B * G < SMs / 2, e.g. batch 1 at 128x128): each pack's pixels are split into chunks across
+  programs, in two launches: MODE_STATS writes per-(chunk, row) statistics, MODE_APPLY combines them in chunk
+  order (deterministic) and normalizes its chunk;
+- small groups (8x8 maps, groups of one channel): `groups_per_pack` groups share one tile.
+Everything is computed in fp32 and written in x.dtype; mean and rstd are saved in fp32 for the backward. No
+atomics: the backward's parameter gradients are per-(batch, channel) sums reduced over the batch by torch.sum.
+"""
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastunet.kernels.scale_shift_act import (
+    FUSED_NORM_DTYPES,
+    VECTOR_ELEMENTS,
+    activation,
+    activation_backward,
+    as_fp32,
+    compile_signature,
+    device_limits,
+    empty_output,
+    gradient_or_empty,
+    grads_from_sums,
+    in_memory_format,
+    kernel_memory_format,
+    load_scale_shift,
+    row_strides,
+    scale_shift_strides,
+    tile_offsets,
+    tile_pointers,
+    vector_aligned,
+)
+
+# What a launch of the kernels does (a runtime argument, so that one compiled kernel serves all three).
+MODE_FUSED = tl.constexpr(0)  # statistics and normalization of whole packs, one launch
+MODE_STATS = tl.constexpr(1)  # split path, launch 1: per-row statistics of one pixel chunk
+MODE_APPLY = tl.constexpr(2)  # split path, launch 2: combine the chunks' statistics, normalize one chunk
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device code
+
+
+@triton.jit
+def _chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Merge (count, mean, sum of squared deviations) of two disjoint sets (Chan et al.); count_b > 0."""
+    count = count_a + count_b
+    fraction_b = count_b / count
+    delta = mean_b - mean_a
+    return count, mean_a + delta * fraction_b, m2_a + m2_b + delta * delta * (count_a * fraction_b)
+
+
+@triton.jit
+def _aligned_runs(pack_rows, pixels, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """(pack_rows, pixels), the one along the contiguous axis rewritten as a multiple of ALIGN (which the host
+    guarantees it is) so that the compiler knows masks are constant over each 16-byte vector."""
+    if CHANNELS_LAST:
+        pack_rows = pack_rows // ALIGN * ALIGN
+    else:
+        pixels = pixels // ALIGN * ALIGN
+    return pack_rows, pixels
+
+
+@triton.jit
+def _pack_rows(row_block, first_channel, pack_rows, channels_per_group, BLOCK_ROWS: tl.constexpr):
+    """Lanes of one row block of a pack: (channel, valid, group slot of the lane within the pack).
+
+    Lanes past the pack's rows take the slot of its last row, so that in a pack of one group every lane of
+    every row block refers to that group (the running statistics of all lanes stay those of the group).
+    """
+    local_row = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    valid = local_row < pack_rows
+    slot = tl.minimum(local_row, pack_rows - 1) // channels_per_group
+    return first_channel + local_row, valid, slot
+
+
+@triton.jit
+def _merge_rows_into_groups(slot, valid, groups_per_pack, row_count, row_mean, row_m2):
+    """Statistics (count, mean, m2) of each lane's group over the valid rows of one row block, from per-row
+    statistics (row_count pixels each). One scalar per group, broadcast to its lanes, so all lanes of a group
+    hold the same bits. A loop over the pack's groups rather than a [lanes, lanes] mask keeps registers low; in
+    the common pack of one group it runs once."""
+    count = tl.zeros_like(row_mean)
+    mean = tl.zeros_like(row_mean)
+    m2 = tl.zeros_like(row_mean)
+    for group in range(groups_per_pack):
+        lane_in_group = slot == group
+        in_group = valid & lane_in_group
+        group_rows = tl.sum(in_group.to(tl.float32), 0)
+        group_mean = tl.sum(tl.where(in_group, row_mean, 0.0), 0) / group_rows
+        deviation = row_mean - group_mean
+        group_m2 = tl.sum(tl.where(in_group, row_m2 + row_count * deviation * deviation, 0.0), 0)
+        count = tl.where(lane_in_group, group_rows * row_count, count)
+        mean = tl.where(lane_in_group, group_mean, mean)
+        m2 = tl.where(lane_in_group, group_m2, m2)
+    return count, mean, m2
+
+
+@triton.jit
+def _sum_rows_by_group(slot, valid, groups_per_pack, value):
+    """Per lane, the sum of `value` over the valid rows of its group in one row block (same bits per group)."""
+    total = tl.zeros_like(value)
+    for group in range(groups_per_pack):
+        lane_in_group = slot == group
+        total = tl.where(lane_in_group, tl.sum(tl.where(valid & lane_in_group, value, 0.0), 0), total)
+    return total
+
+
+@triton.jit
+def _row_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
+                      scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                      has_weight, has_bias, has_scale, has_shift):
+    """Per row: (alpha, beta) with pre-activation u = x * alpha + beta, and gamma = weight * (1 + scale)."""
+    weight = tl.where(valid, 1.0, 1.0)
+    bias = tl.where(valid, 0.0, 0.0)
+    if has_weight:
+        weight = tl.load(weight_ptr + channel, mask=valid, other=0.0)
+    if has_bias:
+        bias = tl.load(bias_ptr + channel, mask=valid, other=0.0)
+    one_plus_scale, shift = load_scale_shift(scale_ptr, shift_ptr, batch, channel, valid,
+                                             scale_batch_stride, scale_channel_stride,
+                                             shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+    gamma = weight * one_plus_scale
+    alpha = rstd * gamma
+    beta = (bias - mean * rstd * weight) * one_plus_scale + shift
+    return alpha, beta, gamma
+
+
+@triton.jit
+def _group_norm_forward_kernel(
+    x_ptr, y_ptr,  # (B, C, H, W) in x.dtype, both contiguous in the layout CHANNELS_LAST says
+    weight_ptr, bias_ptr,  # (C,) fp32 contiguous, read only when has_weight / has_bias
+    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    mean_ptr, rstd_ptr,  # (B * G,) fp32 outputs, statistics of each (batch, group)
+    partial_mean_ptr, partial_m2_ptr,  # (chunks, B * C) fp32: split path, per-row statistics of each chunk
+    batch_stride, line_stride,  # of x and y: C*H*W, and H*W (NCHW) or C (channels_last)
+    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+    channels, pixels, channels_per_group, groups,  # groups per batch
+    num_packs,  # B * G / groups_per_pack
+    groups_per_pack,  # consecutive groups of one batch in one pack; divides groups
+    pixel_blocks_per_chunk,  # pixel blocks of one chunk (all of them in MODE_FUSED)
+    eps,
+    has_weight, has_bias, has_scale, has_shift, silu,
+    mode,  # MODE_FUSED, MODE_STATS or MODE_APPLY
+    BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+):
+    chunk = tl.program_id(1)
+    pixel_blocks = tl.cdiv(pixels, BLOCK_PIXELS)
+    first_block = chunk * pixel_blocks_per_chunk
+    end_block = tl.minimum(first_block + pixel_blocks_per_chunk, pixel_blocks)
+    packs_per_batch = groups // groups_per_pack
+    pack_rows, pixels = _aligned_runs(groups_per_pack * channels_per_group, pixels, CHANNELS_LAST, ALIGN)
+    row_blocks = tl.cdiv(pack_rows, BLOCK_ROWS)
+    all_rows = num_packs * pack_rows  # B * C: row stride of the chunk statistics
+    lane = tl.arange(0, BLOCK_ROWS)
+    for pack in range(tl.program_id(0), num_packs, tl.num_programs(0)):
+        batch = pack // packs_per_batch
+        first_channel = (pack % packs_per_batch) * pack_rows
+        # Phase A: statistics of each lane's group, over this chunk's pixels (MODE_STATS) or all of them.
+        group_count = tl.zeros([BLOCK_ROWS], tl.float32)
+        group_mean = tl.zeros([BLOCK_ROWS], tl.float32)
+        group_m2 = tl.zeros([BLOCK_ROWS], tl.float32)
+        for row_block in range(row_blocks):
+            channel, valid, slot = _pack_rows(row_block, first_channel, pack_rows, channels_per_group, BLOCK_ROWS)
+            row = batch * channels + channel
+            row_count = tl.zeros([], tl.float32)
+            row_mean = tl.zeros([BLOCK_ROWS], tl.float32)
+            row_m2 = tl.zeros([BLOCK_ROWS], tl.float32)
+            if mode == MODE_APPLY:
+                for other_chunk in range(tl.num_programs(1)):  # in chunk order: deterministic
+                    chunk_begin = other_chunk * pixel_blocks_per_chunk * BLOCK_PIXELS
+                    chunk_count = (tl.minimum(chunk_begin + pixel_blocks_per_chunk * BLOCK_PIXELS, pixels)
+                                   - chunk_begin).to(tl.float32)
+                    chunk_mean = tl.load(partial_mean_ptr + other_chunk * all_rows + row, mask=valid, other=0.0)
+                    chunk_m2 = tl.load(partial_m2_ptr + other_chunk * all_rows + row, mask=valid, other=0.0)
+                    row_count, row_mean, row_m2 = _chan_combine(row_count, row_mean, row_m2,
+                                                                chunk_count, chunk_mean, chunk_m2)
+            else:
+                for pixel_block in range(first_block, end_block):
+                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+                    mask = valid[:, None] & (pixel < pixels)[None, :]
+                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+                    # Phase B reads this tile again: ask L2 to keep it.
+                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                eviction_policy="evict_last").to(tl.float32)
+                    # Two passes over the tile in registers, then Chan's combine: no E[x^2] - E[x]^2.
+                    tile_count = tl.minimum(pixels - pixel_block * BLOCK_PIXELS, BLOCK_PIXELS).to(tl.float32)
+                    tile_mean = tl.sum(x, 1) / tile_count
+                    deviation = tl.where(mask, x - tile_mean[:, None], 0.0)
+                    tile_m2 = tl.sum(deviation * deviation, 1)
+                    row_count, row_mean, row_m2 = _chan_combine(row_count, row_mean, row_m2,
+                                                                tile_count, tile_mean, tile_m2)
+            if mode == MODE_STATS:
+                tl.store(partial_mean_ptr + chunk * all_rows + row, row_mean, mask=valid)
+                tl.store(partial_m2_ptr + chunk * all_rows + row, row_m2, mask=valid)
+            else:
+                block_count, block_mean, block_m2 = _merge_rows_into_groups(slot, valid, groups_per_pack,
+                                                                            row_count, row_mean, row_m2)
+                group_count, group_mean, group_m2 = _chan_combine(group_count, group_mean, group_m2,
+                                                                  block_count, block_mean, block_m2)
+        if mode != MODE_STATS:
+            rstd = 1.0 / tl.sqrt(group_m2 / group_count + eps)
+            # Lane j holds the statistics of the pack's group j // channels_per_group (of all its lanes when
+            # the pack is one group).
+            first_row_of_group = (lane % channels_per_group == 0) & (lane < pack_rows) & (chunk == 0)
+            group = pack * groups_per_pack + lane // channels_per_group
+            tl.store(mean_ptr + group, group_mean, mask=first_row_of_group)
+            tl.store(rstd_ptr + group, rstd, mask=first_row_of_group)
+            # Phase B, last tile first: those were read last and are the likeliest to be in L2.
+            for reversed_row_block in range(row_blocks):
+                row_block = row_blocks - 1 - reversed_row_block
+                channel, valid, slot = _pack_rows(row_block, first_channel, pack_rows, channels_per_group,
+                                                  BLOCK_ROWS)
+                alpha, beta, gamma = _row_coefficients(
+                    weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, group_mean, rstd,
+                    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                    has_weight, has_bias, has_scale, has_shift)
+                for reversed_pixel_block in range(first_block, end_block):
+                    pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
+                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+                    mask = valid[:, None] & (pixel < pixels)[None, :]
+                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                eviction_policy="evict_first")
+                    y = activation(x.to(tl.float32) * alpha[:, None] + beta[:, None], silu)
+                    tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty),
+                             mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
+def _group_norm_backward_kernel(
+    grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, all contiguous in the layout CHANNELS_LAST says
+    weight_ptr, bias_ptr,  # (C,) fp32 contiguous, read only when has_weight / has_bias
+    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    mean_ptr, rstd_ptr,  # (B * G,) fp32 statistics saved by the forward
+    sum_du_xhat_ptr, sum_du_ptr,  # (B * C,) fp32 outputs: per row, sums over pixels of du * xhat and du
+    partial_du_xhat_ptr, partial_du_ptr,  # (chunks, B * C) fp32: split path, the same sums per chunk
+    batch_stride, line_stride,  # of grad_y, x and grad_x
+    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+    channels, pixels, channels_per_group, groups, num_packs, groups_per_pack, pixel_blocks_per_chunk,
+    has_weight, has_bias, has_scale, has_shift, silu,
+    compute_grad_x,  # False: only the sums (for parameter gradients)
+    mode,
+    BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+):
+    chunk = tl.program_id(1)
+    pixel_blocks = tl.cdiv(pixels, BLOCK_PIXELS)
+    first_block = chunk * pixel_blocks_per_chunk
+    end_block = tl.minimum(first_block + pixel_blocks_per_chunk, pixel_blocks)
+    packs_per_batch = groups // groups_per_pack
+    pack_rows, pixels = _aligned_runs(groups_per_pack * channels_per_group, pixels, CHANNELS_LAST, ALIGN)
+    row_blocks = tl.cdiv(pack_rows, BLOCK_ROWS)
+    all_rows = num_packs * pack_rows
+    group_size = (channels_per_group * pixels).to(tl.float32)
+    for pack in range(tl.program_id(0), num_packs, tl.num_programs(0)):
+        batch = pack // packs_per_batch
+        first_channel = (pack % packs_per_batch) * pack_rows
+        first_group = pack * groups_per_pack
+        # Phase A: per row, sums of du * xhat and du; per group, of gamma * du * xhat and gamma * du.
+        group_sum_dxhat_xhat = tl.zeros([BLOCK_ROWS], tl.float32)
+        group_sum_dxhat = tl.zeros([BLOCK_ROWS], tl.float32)
+        for row_block in range(row_blocks):
+            channel, valid, slot = _pack_rows(row_block, first_channel, pack_rows, channels_per_group, BLOCK_ROWS)
+            row = batch * channels + channel
+            mean = tl.load(mean_ptr + first_group + slot)
+            rstd = tl.load(rstd_ptr + first_group + slot)
+            alpha, beta, gamma = _row_coefficients(
+                weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
+                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                has_weight, has_bias, has_scale, has_shift)
+            sum_du_xhat = tl.zeros([BLOCK_ROWS], tl.float32)
+            sum_du = tl.zeros([BLOCK_ROWS], tl.float32)
+            if mode == MODE_APPLY:
+                for other_chunk in range(tl.num_programs(1)):  # in chunk order: deterministic
+                    sum_du_xhat += tl.load(partial_du_xhat_ptr + other_chunk * all_rows + row, mask=valid, other=0.0)
+                    sum_du += tl.load(partial_du_ptr + other_chunk * all_rows + row, mask=valid, other=0.0)
+            else:
+                for pixel_block in range(first_block, end_block):
+                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+                    mask = valid[:, None] & (pixel < pixels)[None, :]
+                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                eviction_policy="evict_last").to(tl.float32)
+                    grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
+                                     other=0.0, eviction_policy="evict_last").to(tl.float32)
+                    du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
+                    xhat = (x - mean[:, None]) * rstd[:, None]
+                    sum_du_xhat += tl.sum(du * xhat, 1)
+                    sum_du += tl.sum(du, 1)
+            if mode == MODE_STATS:
+                tl.store(partial_du_xhat_ptr + chunk * all_rows + row, sum_du_xhat, mask=valid)
+                tl.store(partial_du_ptr + chunk * all_rows + row, sum_du, mask=valid)
+            else:
+                tl.store(sum_du_xhat_ptr + row, sum_du_xhat, mask=valid & (chunk == 0))
+                tl.store(sum_du_ptr + row, sum_du, mask=valid & (chunk == 0))
+                group_sum_dxhat_xhat += _sum_rows_by_group(slot, valid, groups_per_pack, gamma * sum_du_xhat)
+                group_sum_dxhat += _sum_rows_by_group(slot, valid, groups_per_pack, gamma * sum_du)
+        if (mode != MODE_STATS) & compute_grad_x:
+            # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group, dxhat = gamma * du.
+            mean_dxhat = group_sum_dxhat / group_size
+            mean_dxhat_xhat = group_sum_dxhat_xhat / group_size
+            for reversed_row_block in range(row_blocks):
+                row_block = row_blocks - 1 - reversed_row_block
+                channel, valid, slot = _pack_rows(row_block, first_channel, pack_rows, channels_per_group,
+                                                  BLOCK_ROWS)
+                mean = tl.load(mean_ptr + first_group + slot)
+                rstd = tl.load(rstd_ptr + first_group + slot)
+                alpha, beta, gamma = _row_coefficients(
+                    weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
+                    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                    has_weight, has_bias, has_scale, has_shift)
+                for reversed_pixel_block in range(first_block, end_block):
+                    pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
+                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+                    mask = valid[:, None] & (pixel < pixels)[None, :]
+                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                eviction_policy="evict_first").to(tl.float32)
+                    grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
+                                     other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
+                    xhat = (x - mean[:, None]) * rstd[:, None]
+                    grad_x = rstd[:, None] * (gamma[:, None] * du - mean_dxhat[:, None]
+                                              - xhat * mean_dxhat_xhat[:, None])
+                    tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN),
+                             grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch plans
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One compiled shape of a kernel: [rows, pixels] per step, in one layout."""
+
+    rows: int
+    pixels: int
+    num_warps: int
+    channels_last: bool
+    align: int = VECTOR_ELEMENTS  # the ALIGN constexpr: 8 needs vector_aligned() inputs, 1 takes any
+    # ptxas's .maxnreg. Without it ptxas caps registers on its own to raise occupancy and spills (cold) below
+    # that cap; 128 leaves 4 programs of 4 warps (2 of 8, 1 of 16) per SM.
+    max_registers: int = 128
+
+
+# The only tiles a plan may use (gpu_compile_configs compiles each for every dtype), per direction and layout,
+# under the same names; few, since each costs a compile per dtype, direction and arch in the tests. Tiles of
+# 4096 elements (8 KB of bf16) run several programs per SM; the "big" one of the forward holds 16384 (32 KB in
+# flight per step, enough with one program per SM, which the persistent grid of big groups uses). 16-32
+# elements per thread in the forward, 8-16 in the backward (x, dy and their products live).
+FORWARD_TILES = {
+    False: {  # NCHW
+        # Maps up to 16x16: 64 channels (one group, or several packed) of 64 pixels (128 bytes of bf16) per step.
+        "small_maps": Tile(64, 64, 8, False),
+        # Up to 64x64 maps, and the pixel chunks of the split path: 512 pixels (1 KB of bf16) per row, small
+        # enough that batch 1 at 128x128 splits into 32 chunks per group, 256 programs.
+        "rows": Tile(8, 512, 4, False),
+        "big": Tile(8, 2048, 16, False),  # bigger maps, tensors beyond L2: persistent programs
+        # H*W or the data not aligned to 8 elements (7x5 maps, offset views): scalar accesses, so few rows
+        # per thread (each row costs registers for its coefficients in every thread holding it).
+        "unaligned": Tile(4, 512, 8, False, align=1),
+    },
+    True: {  # channels_last
+        "small_maps": Tile(64, 64, 8, True),
+        "rows": Tile(8, 512, 4, True),
+        "big": Tile(8, 2048, 16, True),
+        "unaligned": Tile(16, 128, 8, True, align=1),  # packs of a channel count not a multiple of 8 (C=12, G=4)
+    },
+}
+BACKWARD_TILES = {
+    channels_last: {name: replace(tile, num_warps=8) if tile.num_warps < 16 else replace(tile, pixels=1024)
+                    for name, tile in tiles.items()}
+    for channels_last, tiles in FORWARD_TILES.items()
+}
+
+
+def tile_for(name, backward, channels_last, element_size):
+    """The Tile a plan's tile name means for one direction, layout and element size. fp32 doubles the vectors
+    (and their pointers) per element: its backward, the heaviest kernel, takes half the pixels per step."""
+    tile = (BACKWARD_TILES if backward else FORWARD_TILES)[channels_last][name]
+    if backward and element_size == 4:
+        tile = replace(tile, pixels=tile.pixels // 2)
+    return tile
+
+
+@dataclass(frozen=True)
+class GroupNormPlan:
+    """How one call is launched: its tile (a name in FORWARD_TILES / BACKWARD_TILES), packs, pixel chunks and
+    persistent programs."""
+
+    tile: str
+    groups_per_pack: int  # divides G; more than 1 only when the pack's channels fit one row block
+    chunks: int  # pixel chunks per pack: 1 is the fused single launch, more the two-launch split path
+    programs: int  # programs along the packs (fused path: fewer than the packs makes each loop over several)
+
+
+def _contiguous_run(channels_last, pixels, pack_rows):
+    """Elements one program reads contiguously: a pack's channels of a pixel, or a row's pixels."""
+    return pack_rows if channels_last else pixels
+
+
+def _pack_sizes(tile, groups, channels_per_group, pixels, channels_last):
+    """The groups per pack a tile can run: divisors of G whose channels fit one row block (any when 1), cut in
+    contiguous runs the tile's ALIGN allows."""
+    return [size for size in range(1, groups + 1)
+            if groups % size == 0 and (size == 1 or size * channels_per_group <= tile.rows)
+            and _contiguous_run(channels_last, pixels, size * channels_per_group) % tile.align == 0]
+
+
+def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, element_size, num_sms, l2_bytes,
+                    backward=False):
+    """The launch plan for x (batch, channels, H, W), H*W = pixels, from the shape alone (no autotuning).
+
+    aligned: whether vector_aligned() holds for runs of H*W (NCHW) or C (channels_last) elements.
+    """
+    channels_per_group = channels // groups
+    all_groups = batch * groups
+    # Few groups leave most SMs idle: split their pixels across programs (two launches, deterministic).
+    split = all_groups < num_sms // 2 and pixels > 1024
+    if not aligned:
+        name = "unaligned"
+    elif pixels <= 256:
+        name = "small_maps"
+    elif split or pixels <= 4096:
+        name = "rows"
+    else:
+        name = "big"
+    pack_sizes = _pack_sizes(tile_for(name, backward, channels_last, element_size), groups, channels_per_group,
+                             pixels, channels_last)
+    if not pack_sizes:  # channels_last groups whose channels no pack cuts in multiples of 8 (C=24, G=8, 3 rows)
+        name = "unaligned"
+        pack_sizes = _pack_sizes(tile_for(name, backward, channels_last, element_size), groups, channels_per_group,
+                                 pixels, channels_last)
+    # The largest pack that keeps two programs per SM (when there are that many groups), else the smallest.
+    keep_programs = [size for size in pack_sizes if size <= max(1, all_groups // (2 * num_sms))]
+    groups_per_pack = max(keep_programs) if keep_programs else min(pack_sizes)
+    num_packs = all_groups // groups_per_pack
+    if split:
+        pixel_blocks = -(-pixels // tile_for(name, backward, channels_last, element_size).pixels)
+        return GroupNormPlan(name, groups_per_pack, min(pixel_blocks, -(-2 * num_sms // num_packs)), num_packs)
+    # Persistent grid: the packs in flight (x, and dy in the backward) should fit in 3/4 of L2, so that phase B
+    # finds its tiles there; never fewer programs than SMs.
+    pack_bytes = groups_per_pack * channels_per_group * pixels * element_size * (2 if backward else 1)
+    programs = min(num_packs, max(num_sms, (3 * l2_bytes // 4) // pack_bytes))
+    return GroupNormPlan(name, groups_per_pack, 1, programs)
+
+
+def _prepare_launch(plan, tensors, groups, backward):
+    """Check (or choose) the plan for (B, C, H, W) tensors of one layout (x first). Returns the plan with its
+    chunks normalized, the shape arguments of the kernels and their launch metadata."""
+    x = tensors[0]
+    batch, channels, height, width = x.shape
+    pixels, channels_per_group = height * width, channels // groups
+    channels_last = kernel_memory_format(x) == torch.channels_last
+    if plan is None:
+        num_sms, l2_bytes = device_limits(x.device)
+        aligned = vector_aligned(tensors, _contiguous_run(channels_last, pixels, channels))
+        plan = plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, x.element_size(),
+                               num_sms, l2_bytes, backward)
+    pack_rows = plan.groups_per_pack * channels_per_group
+    tile = tile_for(plan.tile, backward, channels_last, x.element_size())
+    if groups % plan.groups_per_pack or (plan.groups_per_pack > 1 and pack_rows > tile.rows):
+        raise ValueError(f"group_norm_act: {plan.groups_per_pack} groups per pack do not divide {groups} groups "
+                         f"or do not fit {tile.rows} rows")
+    if tile.align > 1 and not vector_aligned(tensors, _contiguous_run(channels_last, pixels, pack_rows)):
+        raise ValueError(f"group_norm_act: tile {plan.tile!r} needs vector-aligned inputs")
+    if plan.chunks < 1 or plan.programs < 1:
+        raise ValueError(f"group_norm_act: chunks and programs must be positive, got {plan}")
+    # Equal chunks covering the pixel blocks exactly (none starts past the end).
+    pixel_blocks = -(-pixels // tile.pixels)
+    blocks_per_chunk = -(-pixel_blocks // min(plan.chunks, pixel_blocks))
+    plan = replace(plan, chunks=-(-pixel_blocks // blocks_per_chunk))
+    num_packs = batch * groups // plan.groups_per_pack
+    shape_args = (channels, pixels, channels_per_group, groups, num_packs, plan.groups_per_pack, blocks_per_chunk)
+    meta = dict(BLOCK_ROWS=tile.rows, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last, ALIGN=tile.align,
+                num_warps=tile.num_warps, maxnreg=tile.max_registers)
+    return plan, shape_args, meta
+
+
+def _launch(kernel, plan, num_packs, args, meta):
+    """One fused launch, or the two launches of the split path (MODE_STATS, then MODE_APPLY)."""
+    if plan.chunks == 1:
+        kernel[(plan.programs, 1)](*args, MODE_FUSED.value, **meta)
+    else:
+        for mode in (MODE_STATS, MODE_APPLY):
+            kernel[(num_packs, plan.chunks)](*args, mode.value, **meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers (also called directly by the tests, with explicit plans)
+
+
+def group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=None):
+    """Forward launcher. x (B, C, H, W); weight, bias (C,) or None; scale, shift (B, C) or None.
+
+    Returns y (x's shape and dtype, in kernel_memory_format(x)), mean and rstd ((B, G) fp32).
+    plan: a GroupNormPlan to force (tests); by default plan_group_norm's.
+    """
+    memory_format = kernel_memory_format(x)
+    x = in_memory_format(x, memory_format)
+    y = empty_output(x)
+    plan, shape_args, meta = _prepare_launch(plan, (x, y), groups, backward=False)
+    weight, bias = as_fp32(weight, contiguous=True), as_fp32(bias, contiguous=True)
+    scale, shift = as_fp32(scale), as_fp32(shift)
+    batch, channels = x.shape[:2]
+    mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    partial_mean, partial_m2 = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
+                                           device=x.device, dtype=torch.float32)
+    absent = mean  # the pointer passed for a None parameter; never read
+    args = (
+        x, y, *(absent if t is None else t for t in (weight, bias, scale, shift)),
+        mean, rstd, partial_mean, partial_m2,
+        *row_strides(x.shape, memory_format), *scale_shift_strides(scale, shift), *shape_args,
+        float(eps), weight is not None, bias is not None, scale is not None, shift is not None, bool(silu),
+    )
+    _launch(_group_norm_forward_kernel, plan, shape_args[4], args, meta)
+    return y, mean, rstd
+
+
+def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs, plan=None):
+    """Backward launcher: gradients of group_norm_forward's y.
+
+    grad_y, x (B, C, H, W); mean, rstd (B, G) fp32 from the forward. needs: which of (x, weight, bias, scale,
+    shift) want a gradient. Returns (dx, d_weight, d_bias, d_scale, d_shift), each in its input's dtype (dx in
+    kernel_memory_format(x)), None where not needed.
+    """
+    need_x, *need_parameters = needs
+    memory_format = kernel_memory_format(x)
+    x = in_memory_format(x, memory_format)
+    grad_y = in_memory_format(grad_y, memory_format)
+    grad_x = empty_output(x) if need_x else None
+    plan, shape_args, meta = _prepare_launch(plan, (x, grad_y) if grad_x is None else (x, grad_y, grad_x), groups,
+                                             backward=True)
+    weight32, bias32 = as_fp32(weight, contiguous=True), as_fp32(bias, contiguous=True)
+    scale32, shift32 = as_fp32(scale), as_fp32(shift)
+    batch, channels = x.shape[:2]
+    # Separate buffers: either may be returned as a gradient, and the outputs of an operator must not alias.
+    sum_du_xhat = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+    sum_du = torch.empty_like(sum_du_xhat)
+    partial_du_xhat, partial_du = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
+                                              device=x.device, dtype=torch.float32)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    absent = mean
+    args = (
+        grad_y, x, x if grad_x is None else grad_x,
+        *(absent if t is None else t for t in (weight32, bias32, scale32, shift32)),
+        mean, rstd, sum_du_xhat, sum_du, partial_du_xhat, partial_du,
+        *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32), *shape_args,
+        weight is not None, bias is not None, scale is not None, shift is not None, bool(silu), need_x,
+    )
+    _launch(_group_norm_backward_kernel, plan, shape_args[4], args, meta)
+    parameter_grads = grads_from_sums(sum_du_xhat, sum_du, weight, bias, scale, shift, need_parameters)
+    return (grad_x, *parameter_grads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library custom ops: autograd, opcheck and torch.compile see two opaque operators.
+
+
+@torch.library.custom_op("fastunet::group_norm_act", mutates_args=())
+def group_norm_act_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], groups: int,
+                      scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], silu: bool,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): y as group_norm_act, mean and rstd (B, G) fp32 for the backward."""
+    return group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps)
+
+
+@group_norm_act_op.register_fake
+def _(x, weight, bias, groups, scale, shift, silu, eps):
+    mean = x.new_empty((x.shape[0], groups), dtype=torch.float32)
+    return empty_output(x), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("fastunet::group_norm_act_backward", mutates_args=())
+def group_norm_act_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], groups: int,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], silu: bool, mean: torch.Tensor, rstd: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_weight, d_bias, d_scale, d_shift); a gradient not in `needs` (x, weight, bias, scale, shift) is an
+    empty placeholder."""
+    grads = group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs)
+    return tuple(gradient_or_empty(grad, x) for grad in grads)
+
+
+@group_norm_act_backward_op.register_fake
+def _(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs):
+    like = (x, weight, bias, scale, shift)
+    return tuple(
+        (empty_output(x) if i == 0 else x.new_empty(t.shape, dtype=t.dtype)) if need else x.new_empty(0)
+        for i, (t, need) in enumerate(zip(like, needs))
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, groups, scale, shift, silu, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.groups, ctx.silu = groups, silu
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+    need_x, need_weight, need_bias, _, need_scale, need_shift = ctx.needs_input_grad[:6]
+    needs = [need_x, need_weight and weight is not None, need_bias and bias is not None,
+             need_scale and scale is not None, need_shift and shift is not None]
+    if not any(needs):
+        return None, None, None, None, None, None, None, None
+    grads = torch.ops.fastunet.group_norm_act_backward(grad_y, x, weight, bias, ctx.groups, scale, shift,
+                                                       ctx.silu, mean, rstd, needs)
+    grad_x, d_weight, d_bias, d_scale, d_shift = (grad if need else None for grad, need in zip(grads, needs))
+    return grad_x, d_weight, d_bias, None, d_scale, d_shift, None, None
+
+
+group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
+    """`silu?(group_norm(x) * (scale + 1) + shift)`, statistics in fp32, returned in x.dtype.
+
+    x: (B, C, H, W) fp32/fp16/bf16, any strides (NCHW and channels_last read in place; the result keeps
+    channels_last, everything else comes back NCHW-contiguous). weight, bias: (C,) or None, any float dtype.
+    groups: divides C. scale, shift: (B, C) or None, any float dtype and strides. Differentiable in x, weight,
+    bias, scale and shift (gradients in each one's dtype); deterministic.
+    """
+    return torch.ops.fastunet.group_norm_act(x, weight, bias, groups, scale, shift, silu, eps)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (tests/gpu_compile.py)
+
+
+def gpu_compile_configs():
+    """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES and
+    BACKWARD_TILES (the only ones plan_group_norm and _prepare_launch allow) for each input dtype. Parameters always
+    reach the kernels in fp32 and optional inputs are runtime flags, so nothing else varies."""
+    kernels = (
+        (_group_norm_forward_kernel, ("x_ptr", "y_ptr"),
+         ("has_weight", "has_bias", "has_scale", "has_shift", "silu")),
+        (_group_norm_backward_kernel, ("grad_y_ptr", "x_ptr", "grad_x_ptr"),
+         ("has_weight", "has_bias", "has_scale", "has_shift", "silu", "compute_grad_x")),
+    )
+    for (kernel, x_pointers, flags), backward in zip(kernels, (False, True)):
+        for channels_last, names in FORWARD_TILES.items():
+            for name, dtype in itertools.product(names, FUSED_NORM_DTYPES):
+                tile = tile_for(name, backward, channels_last, dtype.itemsize)
+                constexprs = dict(BLOCK_ROWS=tile.rows, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
+                                  ALIGN=tile.align)
+                signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags)
+                yield kernel, signature, constexprs, dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)

@@ -1,0 +1,397 @@
+"""Fused channel RMSNorm + time scale/shift + SiLU in Triton, forward and backward, as torch.library custom ops.
+
+Computes `act(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)` per pixel, exactly as
+fastunet.reference.rms_norm_act defines it (upstream 2.x's RMSNorm, fused with the Block's epilogue).
+
+Design. x (B, C, H, W) is read as rows (batch, channel) of pixels, NCHW or channels_last in place
+(kernels/scale_shift_act.py). One program owns one batch's block of BLOCK_PIXELS pixels and walks its channels
+in [BLOCK_CHANNELS, BLOCK_PIXELS] tiles: pass 1 sums x^2 over the channels of each pixel (fp32: the squares of
+fp16's 6e4 are 3.6e9, far from fp32's range), pass 2 writes
+`act(x * rinv * g * sqrt(C) * (1 + scale) + shift)`, rinv = 1 / max(||x||, eps). Pass 2 re-reads tiles that
+pass 1 just read (L1/L2 hits; x leaves HBM once). No statistics are saved: the backward recomputes rinv from x,
+which it reads anyway.
+
+The backward (three passes over the program's channels): rinv; then, with v = x * rinv and
+a = dL/dv = du * g * sqrt(C) * (1 + scale) (du = dL/d(pre-activation)), the per-pixel dot(a, v) and per-channel
+sums of du * v * sqrt(C) and du over the program's pixels (stored per program, summed over programs by torch.sum
+for the parameter gradients: deterministic, no atomics); then dx = rinv * (a - v * dot(a, v)), the second term
+only where ||x|| >= eps (elsewhere the clamp is constant and so is its gradient).
+"""
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastunet.kernels.scale_shift_act import (
+    FUSED_NORM_DTYPES,
+    VECTOR_ELEMENTS,
+    activation,
+    activation_backward,
+    as_fp32,
+    compile_signature,
+    empty_output,
+    gradient_or_empty,
+    grads_from_sums,
+    in_memory_format,
+    kernel_memory_format,
+    load_scale_shift,
+    row_strides,
+    scale_shift_strides,
+    tile_offsets,
+    tile_pointers,
+    vector_aligned,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device code
+
+
+@triton.jit
+def _aligned_runs(channels, pixels, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """(channels, pixels), the one along the contiguous axis rewritten as a multiple of ALIGN (which the host
+    guarantees it is) so that the compiler knows masks are constant over each 16-byte vector."""
+    if CHANNELS_LAST:
+        channels = channels // ALIGN * ALIGN
+    else:
+        pixels = pixels // ALIGN * ALIGN
+    return channels, pixels
+
+
+@triton.jit
+def _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
+                    BLOCK_CHANNELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """Per pixel of the block, the sum over channels of x^2 in fp32 (pass 1 of both directions)."""
+    sum_of_squares = tl.zeros(pixel.shape, tl.float32)
+    for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
+        channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+        mask = (channel < channels)[:, None] & pixel_valid[None, :]
+        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+        # The next pass reads this tile again: ask L2 to keep it.
+        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)
+        sum_of_squares += tl.sum(x * x, 0)
+    return sum_of_squares
+
+
+@triton.jit
+def _channel_coefficients(g_ptr, scale_ptr, shift_ptr, batch, channel, valid, sqrt_channels,
+                          scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                          has_scale, has_shift):
+    """Per channel: (coefficient, shift) with pre-activation u = x * rinv * coefficient + shift."""
+    g = tl.load(g_ptr + channel, mask=valid, other=0.0)
+    one_plus_scale, shift = load_scale_shift(scale_ptr, shift_ptr, batch, channel, valid,
+                                             scale_batch_stride, scale_channel_stride,
+                                             shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+    return g * sqrt_channels * one_plus_scale, shift
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr, y_ptr,  # (B, C, H, W) in x.dtype, both contiguous in the layout CHANNELS_LAST says
+    g_ptr,  # (C,) fp32 contiguous
+    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    batch_stride, line_stride,  # of x and y: C*H*W, and H*W (NCHW) or C (channels_last)
+    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+    channels, pixels, pixel_blocks,  # pixel_blocks = cdiv(H*W, BLOCK_PIXELS); the grid is B * pixel_blocks
+    eps, sqrt_channels,
+    has_scale, has_shift, silu,
+    BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+):
+    program = tl.program_id(0)
+    batch = program // pixel_blocks
+    channels, pixels = _aligned_runs(channels, pixels, CHANNELS_LAST, ALIGN)
+    pixel = (program % pixel_blocks) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+    pixel_valid = pixel < pixels
+    sum_of_squares = _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
+                                     BLOCK_CHANNELS, CHANNELS_LAST, ALIGN)
+    rinv = 1.0 / tl.maximum(tl.sqrt(sum_of_squares), eps)
+    for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
+        channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+        channel_valid = channel < channels
+        coefficient, shift = _channel_coefficients(
+            g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
+            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+        mask = channel_valid[:, None] & pixel_valid[None, :]
+        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        y = activation(x * rinv[None, :] * coefficient[:, None] + shift[:, None], silu)
+        tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, all contiguous in the layout CHANNELS_LAST says
+    g_ptr,  # (C,) fp32 contiguous
+    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    partial_du_xhat_ptr, partial_du_ptr,  # (B, pixel_blocks, C) fp32 outputs: sums over this program's pixels
+    batch_stride, line_stride,  # of grad_y, x and grad_x
+    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+    channels, pixels, pixel_blocks,
+    eps, sqrt_channels,
+    has_scale, has_shift, silu,
+    compute_grad_x,  # False: only the sums (for parameter gradients)
+    BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+):
+    program = tl.program_id(0)
+    batch = program // pixel_blocks
+    all_channels = channels  # row stride of the partial sums
+    channels, pixels = _aligned_runs(channels, pixels, CHANNELS_LAST, ALIGN)
+    pixel = (program % pixel_blocks) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+    pixel_valid = pixel < pixels
+    norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
+                                   BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
+    rinv = 1.0 / tl.maximum(norm, eps)
+    # Pass 2: dot(a, v) per pixel, and this program's per-channel sums for the parameter gradients.
+    dot = tl.zeros([BLOCK_PIXELS], tl.float32)
+    for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
+        channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+        channel_valid = channel < channels
+        coefficient, shift = _channel_coefficients(
+            g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
+            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+        mask = channel_valid[:, None] & pixel_valid[None, :]
+        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)
+        grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                         eviction_policy="evict_last").to(tl.float32)
+        v = x * rinv[None, :]
+        du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
+        dot += tl.sum(du * coefficient[:, None] * v, 0)
+        partial = (batch * pixel_blocks + program % pixel_blocks).to(tl.int64) * all_channels + channel
+        tl.store(partial_du_xhat_ptr + partial, tl.sum(du * v, 1) * sqrt_channels, mask=channel_valid)
+        tl.store(partial_du_ptr + partial, tl.sum(du, 1), mask=channel_valid)
+    if compute_grad_x:
+        # Where the clamp max(||x||, eps) picks eps, rinv does not depend on x: no second term.
+        dot = tl.where(norm >= eps, dot, 0.0)
+        for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
+            channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+            channel_valid = channel < channels
+            coefficient, shift = _channel_coefficients(
+                g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
+                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                has_scale, has_shift)
+            mask = channel_valid[:, None] & pixel_valid[None, :]
+            offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+            x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                             eviction_policy="evict_first").to(tl.float32)
+            v = x * rinv[None, :]
+            du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
+            grad_x = rinv[None, :] * (du * coefficient[:, None] - v * dot[None, :])
+            tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN), grad_x.to(grad_x_ptr.dtype.element_ty),
+                     mask=mask, eviction_policy="evict_first")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch plans
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One compiled shape of a kernel: [channels, pixels] per step."""
+
+    channels: int
+    pixels: int
+    num_warps: int
+    align: int = VECTOR_ELEMENTS  # the ALIGN constexpr: 8 needs vector_aligned() inputs, 1 takes any
+    max_registers: int = 128  # ptxas's .maxnreg; see kernels/group_norm.py's Tile
+
+
+# The only tiles a plan may use (gpu_compile_configs compiles each for every dtype, direction and layout):
+# 4096 elements per step, 8 KB of bf16, many programs per SM. A pixel's channels are reduced in steps of
+# `channels`, so the tile is chosen to waste the fewest masked channels (Unet's 64..768 channels are multiples
+# of 64). The backward, which keeps x, dy and their products live, runs twice the warps, and in fp32 half the
+# pixels.
+FORWARD_TILES = {
+    "channels_64": Tile(64, 64, 4),
+    "channels_256": Tile(256, 16, 4),
+    # C (channels_last) or H*W (NCHW) not a multiple of 8, or offset data: scalar accesses, a smaller tile.
+    "unaligned": Tile(16, 64, 4, align=1),
+}
+
+
+def tile_for(name, backward, element_size):
+    """The Tile a plan's tile name means for one direction and element size."""
+    tile = FORWARD_TILES[name]
+    if backward:
+        tile = replace(tile, num_warps=2 * tile.num_warps)
+        if element_size == 4:
+            tile = replace(tile, pixels=tile.pixels // 2)
+    return tile
+
+
+def plan_rms_norm(channels, pixels, channels_last, aligned):
+    """The tile name for x (B, channels, H, W) with H*W = pixels (no autotuning): the aligned tile with the
+    fewest padded channels, then the one with fewer channel steps."""
+    if not aligned:
+        return "unaligned"
+    return min(("channels_64", "channels_256"),
+               key=lambda name: (-(-channels // FORWARD_TILES[name].channels) * FORWARD_TILES[name].channels,
+                                 -FORWARD_TILES[name].channels))
+
+
+def _prepare_launch(tile_name, tensors, backward):
+    x = tensors[0]
+    batch, channels, height, width = x.shape
+    channels_last = kernel_memory_format(x) == torch.channels_last
+    run = channels if channels_last else height * width
+    if tile_name is None:
+        tile_name = plan_rms_norm(channels, height * width, channels_last, vector_aligned(tensors, run))
+    tile = tile_for(tile_name, backward, x.element_size())
+    if tile.align > 1 and not vector_aligned(tensors, run):
+        raise ValueError(f"rms_norm_act: tile {tile_name!r} needs vector-aligned inputs")
+    pixel_blocks = -(-(height * width) // tile.pixels)
+    meta = dict(BLOCK_CHANNELS=tile.channels, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
+                ALIGN=tile.align, num_warps=tile.num_warps, maxnreg=tile.max_registers)
+    return (batch * pixel_blocks,), pixel_blocks, meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers (also called directly by the tests, with explicit tiles)
+
+
+def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None):
+    """Forward launcher. x (B, C, H, W); g (C,); scale, shift (B, C) or None.
+
+    Returns y: x's shape and dtype, in kernel_memory_format(x). tile: a name in FORWARD_TILES to force (tests).
+    """
+    memory_format = kernel_memory_format(x)
+    x = in_memory_format(x, memory_format)
+    y = empty_output(x)
+    grid, pixel_blocks, meta = _prepare_launch(tile, (x, y), backward=False)
+    g32, scale32, shift32 = as_fp32(g, contiguous=True), as_fp32(scale), as_fp32(shift)
+    channels, height, width = x.shape[1:]
+    _rms_norm_forward_kernel[grid](
+        x, y, g32, g32 if scale32 is None else scale32, g32 if shift32 is None else shift32,
+        *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32),
+        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5,
+        scale is not None, shift is not None, bool(silu), **meta)
+    return y
+
+
+def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None):
+    """Backward launcher: gradients of rms_norm_forward's y.
+
+    needs: which of (x, g, scale, shift) want a gradient. Returns (dx, dg, d_scale, d_shift) in each input's
+    dtype (dx in kernel_memory_format(x)), None where not needed.
+    """
+    need_x, *need_parameters = needs
+    memory_format = kernel_memory_format(x)
+    x = in_memory_format(x, memory_format)
+    grad_y = in_memory_format(grad_y, memory_format)
+    grad_x = empty_output(x) if need_x else None
+    grid, pixel_blocks, meta = _prepare_launch(tile, (x, grad_y) if grad_x is None else (x, grad_y, grad_x),
+                                               backward=True)
+    g32, scale32, shift32 = as_fp32(g, contiguous=True), as_fp32(scale), as_fp32(shift)
+    batch, channels, height, width = x.shape
+    partial_du_xhat, partial_du = torch.empty(2, batch, pixel_blocks, channels, device=x.device,
+                                              dtype=torch.float32)
+    _rms_norm_backward_kernel[grid](
+        grad_y, x, x if grad_x is None else grad_x, g32,
+        g32 if scale32 is None else scale32, g32 if shift32 is None else shift32, partial_du_xhat, partial_du,
+        *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32),
+        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5,
+        scale is not None, shift is not None, bool(silu), need_x, **meta)
+    # Programs' partial sums reduced in a fixed order.
+    sum_du_xhat, sum_du = partial_du_xhat.sum(1), partial_du.sum(1)
+    need_g, need_scale, need_shift = need_parameters
+    d_g, _, d_scale, d_shift = grads_from_sums(sum_du_xhat, sum_du, g, None, scale, shift,
+                                               (need_g, False, need_scale, need_shift))
+    return grad_x, d_g, d_scale, d_shift
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library custom ops: autograd, opcheck and torch.compile see two opaque operators.
+
+
+@torch.library.custom_op("fastunet::rms_norm_act", mutates_args=())
+def rms_norm_act_op(x: torch.Tensor, g: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                    silu: bool, eps: float) -> torch.Tensor:
+    """y as rms_norm_act."""
+    return rms_norm_forward(x, g, scale, shift, silu, eps)
+
+
+@rms_norm_act_op.register_fake
+def _(x, g, scale, shift, silu, eps):
+    return empty_output(x)
+
+
+@torch.library.custom_op("fastunet::rms_norm_act_backward", mutates_args=())
+def rms_norm_act_backward_op(
+    grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], silu: bool, eps: float, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dg, d_scale, d_shift); a gradient not in `needs` (x, g, scale, shift) is an empty placeholder."""
+    grads = rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs)
+    return tuple(gradient_or_empty(grad, x) for grad in grads)
+
+
+@rms_norm_act_backward_op.register_fake
+def _(grad_y, x, g, scale, shift, silu, eps, needs):
+    like = (x, g, scale, shift)
+    return tuple(
+        (empty_output(x) if i == 0 else x.new_empty(t.shape, dtype=t.dtype)) if need else x.new_empty(0)
+        for i, (t, need) in enumerate(zip(like, needs))
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, g, scale, shift, silu, eps = inputs
+    ctx.save_for_backward(x, g, scale, shift)
+    ctx.silu, ctx.eps = silu, eps
+
+
+def _backward(ctx, grad_y):
+    x, g, scale, shift = ctx.saved_tensors
+    need_x, need_g, need_scale, need_shift = ctx.needs_input_grad[:4]
+    needs = [need_x, need_g, need_scale and scale is not None, need_shift and shift is not None]
+    if not any(needs):
+        return None, None, None, None, None, None
+    grads = torch.ops.fastunet.rms_norm_act_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs)
+    grad_x, d_g, d_scale, d_shift = (grad if need else None for grad, need in zip(grads, needs))
+    return grad_x, d_g, d_scale, d_shift, None, None
+
+
+rms_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
+    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)` per pixel, in x.dtype.
+
+    x: (B, C, H, W) fp32/fp16/bf16, any strides (NCHW and channels_last read in place; the result keeps
+    channels_last, everything else comes back NCHW-contiguous). g: (C,), any float dtype. scale, shift: (B, C)
+    or None, any float dtype and strides. Differentiable in x, g, scale and shift (gradients in each one's
+    dtype); deterministic.
+    """
+    return torch.ops.fastunet.rms_norm_act(x, g, scale, shift, silu, eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (tests/gpu_compile.py)
+
+
+def gpu_compile_configs():
+    """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES (the only
+    ones plan_rms_norm and _prepare_launch allow), per direction, layout and input dtype. Parameters always
+    reach the kernels in fp32 and optional inputs are runtime flags, so nothing else varies."""
+    kernels = (
+        (_rms_norm_forward_kernel, ("x_ptr", "y_ptr"), ("has_scale", "has_shift", "silu")),
+        (_rms_norm_backward_kernel, ("grad_y_ptr", "x_ptr", "grad_x_ptr"),
+         ("has_scale", "has_shift", "silu", "compute_grad_x")),
+    )
+    for (kernel, x_pointers, flags), backward in zip(kernels, (False, True)):
+        for name, channels_last, dtype in itertools.product(FORWARD_TILES, (False, True), FUSED_NORM_DTYPES):
+            tile = tile_for(name, backward, dtype.itemsize)
+            constexprs = dict(BLOCK_CHANNELS=tile.channels, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
+                              ALIGN=tile.align)
+            signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags,
+                                          floats=("eps", "sqrt_channels"))
+            yield kernel, signature, constexprs, dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)

@@ -1,0 +1,295 @@
+"""fastunet.kernels.group_norm against fastunet.reference.group_norm_act: forward and every gradient.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter (tests/conftest.py), so shapes are
+small; the paths that only big shapes take on a GPU (pixel chunks split across programs, packed groups,
+persistent programs) are forced through explicit plans. The GPU build of every configuration is checked by the
+ahead-of-time compile test at the end.
+"""
+
+import concurrent.futures
+import warnings
+
+import pytest
+import torch
+
+from fastunet import reference
+from fastunet.kernels import group_norm as gn
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess
+from tolerances import TOLERANCES, assert_close
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_interpreter():
+    # The interpreter evaluates SiLU's exp(-u) in numpy, which warns on overflow to inf; the result (0) is right.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
+        yield
+
+
+def make_inputs(shape, groups, dtype, device, channels_last=False, scale_shift="both", affine=True,
+                param_dtype=None, magnitude=1.0, seed=0):
+    """x, weight, bias, scale, shift like a ResnetBlock's: scale and shift are the two halves of one (B, 2C)
+    tensor (non-contiguous views), as the time MLP's output is chunked."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, channels = shape[:2]
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(shape, generator=generator) * magnitude + 0.5 * magnitude).to(device, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = bias = scale = shift = None
+    if affine:
+        weight = (1 + 0.5 * torch.randn(channels, generator=generator)).to(device, param_dtype)
+        bias = (0.5 * torch.randn(channels, generator=generator)).to(device, param_dtype)
+    time_embedding = (0.5 * torch.randn(batch, 2 * channels, generator=generator)).to(device, param_dtype)
+    if scale_shift in ("both", "scale"):
+        scale = time_embedding[:, :channels]
+    if scale_shift in ("both", "shift"):
+        shift = time_embedding[:, channels:]
+    return x, weight, bias, scale, shift
+
+
+def run(fn, x, weight, bias, groups, scale, shift, silu, grad_y=None):
+    """y and the gradients of (y * grad_y).sum() for x and each given parameter (None where absent)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    y = fn(leaves[0], leaves[1], leaves[2], groups, leaves[3], leaves[4], silu, 1e-5)
+    if grad_y is None:
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    y.backward(grad_y)
+    return y, [None if t is None else t.grad for t in leaves], grad_y
+
+
+def assert_sum_close(actual, expected, summed, what):
+    """Parameter gradients are sums over `summed` (batch, pixel) terms of O(1) size, accumulated in fp32 in
+    different orders by the kernel and by PyTorch: their rounding errors have random signs and grow like
+    sqrt(summed), so the absolute tolerance of the gradient's dtype is scaled by sqrt(summed)."""
+    atol = TOLERANCES[expected.dtype]["atol"] * max(1.0, summed ** 0.5)
+    assert_close(actual, expected, what=what, atol=atol)
+
+
+def check_against_reference(x, weight, bias, groups, scale, shift, silu, plan=None):
+    if plan is None:
+        fn = gn.group_norm_act
+    else:
+        # The launchers directly, with a forced plan, under the same custom-op autograd formula.
+        def fn(x, weight, bias, groups, scale, shift, silu, eps):
+            return _ForcedPlan.apply(x, weight, bias, groups, scale, shift, silu, eps, plan)
+    y, grads, grad_y = run(fn, x, weight, bias, groups, scale, shift, silu)
+    y_ref, grads_ref, _ = run(reference.group_norm_act, x, weight, bias, groups, scale, shift, silu, grad_y)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, y_ref, what="y")
+    assert_close(grads[0], grads_ref[0], what="dx")
+    batch, channels, height, width = x.shape
+    for name, grad, grad_ref, summed in zip(("d_weight", "d_bias", "d_scale", "d_shift"), grads[1:], grads_ref[1:],
+                                            (batch * height * width,) * 2 + (height * width,) * 2):
+        assert (grad is None) == (grad_ref is None), name
+        if grad is not None:
+            assert grad.dtype == grad_ref.dtype, name
+            assert_sum_close(grad, grad_ref, summed, name)
+    return y, grads
+
+
+class _ForcedPlan(torch.autograd.Function):
+    """group_norm_forward / group_norm_backward with an explicit plan (the custom op always plans itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, scale, shift, silu, eps, plan):
+        y, mean, rstd = gn.group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=plan)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.groups, ctx.silu, ctx.plan = groups, silu, plan
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] and (i == 0 or t is not None)
+                 for i, t in zip((0, 1, 2, 4, 5), (x, weight, bias, scale, shift))]
+        grads = gn.group_norm_backward(grad_y, x, weight, bias, ctx.groups, scale, shift, ctx.silu, mean, rstd,
+                                       needs, plan=ctx.plan)
+        grad_x, d_weight, d_bias, d_scale, d_shift = grads
+        return grad_x, d_weight, d_bias, None, d_scale, d_shift, None, None, None
+
+
+# (shape, groups, channels_last, scale_shift, silu): odd and Unet-like shapes, each run in every dtype below.
+CASES = [
+    ((2, 8, 5, 7), 2, False, "both", True),  # odd H and W: the unaligned tile
+    ((2, 6, 1, 1), 2, False, "both", True),  # H*W = 1, 3 channels per group
+    ((1, 3, 4, 4), 1, True, "none", False),  # C = 3, groups = 1, channels_last (unaligned channels)
+    ((2, 12, 3, 5), 12, True, "scale", True),  # groups = C
+    ((2, 64, 8, 8), 8, False, "both", True),  # Unet-like 8x8 maps, several groups packed per program
+    ((2, 64, 8, 8), 8, True, "shift", True),
+    ((1, 32, 16, 16), 8, True, "both", False),
+    ((2, 16, 32, 32), 4, False, "both", True),  # several row and pixel blocks per group
+    ((1, 8, 72, 72), 2, False, "both", True),  # > 64x64: the big tile of the forward
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups, channels_last, scale_shift, silu", CASES, ids=str)
+def test_matches_reference(shape, groups, channels_last, scale_shift, silu, dtype, device):
+    x, weight, bias, scale, shift = make_inputs(shape, groups, dtype, device, channels_last, scale_shift)
+    y, _ = check_against_reference(x, weight, bias, groups, scale, shift, silu)
+    if channels_last and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last in, channels_last out"
+    else:
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_mixed_precision_parameters(dtype, device):
+    """Autocast's mix: x in 16 bits, weight, bias, scale and shift in fp32; gradients come back in each dtype."""
+    x, weight, bias, scale, shift = make_inputs((2, 32, 8, 8), 4, dtype, device, param_dtype=torch.float32)
+    _, grads = check_against_reference(x, weight, bias, 4, scale, shift, True)
+    assert [g.dtype for g in grads] == [dtype] + [torch.float32] * 4
+
+
+def test_without_affine_parameters(device):
+    x, _, _, scale, shift = make_inputs((2, 16, 4, 4), 4, torch.float32, device, affine=False)
+    check_against_reference(x, None, None, 4, scale, shift, True)
+
+
+def test_fp16_large_magnitudes_stay_finite(device):
+    """|x| up to ~6e4 in fp16: the squares overflow fp16 but not the fp32 statistics."""
+    x, weight, bias, scale, shift = make_inputs((2, 16, 8, 8), 4, torch.float16, device, magnitude=2e4)
+    x = x.clamp(-6e4, 6e4)
+    assert x.abs().max() > 4e4
+    y, grads = check_against_reference(x, weight, bias, 4, scale, shift, True)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_strided_inputs_are_copied_correctly(device):
+    """Strides of neither layout (an H slice, a channel slice, an expanded gradient) take a copy."""
+    base, weight, bias, scale, shift = make_inputs((2, 16, 9, 8), 4, torch.float32, device)
+    check_against_reference(base[:, :, 1:], weight, bias, 4, scale, shift, True)
+    wide, _, _, _, _ = make_inputs((2, 24, 8, 8), 4, torch.float32, device)
+    check_against_reference(wide[:, 4:20], weight, bias, 4, scale, shift, True)
+    x = base.detach().clone().requires_grad_()
+    gn.group_norm_act(x, weight, bias, 4, scale, shift, True).sum().backward()  # grad_y is expanded
+    x_ref = base.detach().clone().requires_grad_()
+    reference.group_norm_act(x_ref, weight, bias, 4, scale, shift, True).sum().backward()
+    assert_close(x.grad, x_ref.grad, what="dx from an expanded grad_y")
+
+
+# Forced plans: (shape, groups, channels_last, plan) for the paths big shapes take on a GPU.
+FORCED = [
+    # The split path: 2 and 3 pixel chunks per group, in two launches; NCHW and channels_last.
+    ((1, 8, 40, 40), 2, False, gn.GroupNormPlan("rows", 1, 2, 2)),
+    ((2, 16, 64, 40), 2, True, gn.GroupNormPlan("rows", 1, 3, 4)),
+    # Packs of 4 groups in one tile, and a persistent grid (1 program loops over the 4 packs).
+    ((2, 16, 8, 8), 8, False, gn.GroupNormPlan("small_maps", 4, 1, 1)),
+    ((2, 32, 8, 8), 4, True, gn.GroupNormPlan("small_maps", 2, 1, 1)),
+    # Groups of several row blocks, looped by fewer programs than groups; unaligned packs of 2 groups.
+    ((3, 24, 9, 9), 2, False, gn.GroupNormPlan("unaligned", 1, 1, 2)),
+    ((2, 24, 9, 9), 4, True, gn.GroupNormPlan("unaligned", 2, 1, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("shape, groups, channels_last, plan", FORCED, ids=str)
+def test_forced_plans(shape, groups, channels_last, plan, dtype, device):
+    x, weight, bias, scale, shift = make_inputs(shape, groups, dtype, device, channels_last)
+    check_against_reference(x, weight, bias, groups, scale, shift, True, plan=plan)
+
+
+@pytest.mark.parametrize("requires_grad", ["x", "scale", "weight"])
+def test_only_some_inputs_require_grad(requires_grad, device):
+    x, weight, bias, scale, shift = make_inputs((2, 16, 8, 8), 4, torch.float32, device)
+    grads = {}
+    for fn in (gn.group_norm_act, reference.group_norm_act):
+        inputs = dict(x=x.clone(), weight=weight.clone(), bias=bias.clone(), scale=scale.clone(),
+                      shift=shift.clone())
+        inputs[requires_grad].requires_grad_()
+        y = fn(inputs["x"], inputs["weight"], inputs["bias"], 4, inputs["scale"], inputs["shift"], True)
+        y.backward(torch.ones_like(y))
+        grads[fn] = inputs[requires_grad].grad
+    actual, expected = grads[gn.group_norm_act], grads[reference.group_norm_act]
+    if requires_grad == "x":
+        assert_close(actual, expected, what="dx")
+    else:
+        assert_sum_close(actual, expected, 2 * 8 * 8, f"d_{requires_grad}")
+
+
+@pytest.mark.parametrize("plan", [None, gn.GroupNormPlan("rows", 1, 3, 2)], ids=["planned", "split"])
+def test_deterministic(plan, device):
+    """Two runs give the same bits, forward and every gradient (no atomics, fixed reduction orders)."""
+    x, weight, bias, scale, shift = make_inputs((1, 16, 48, 48), 4, torch.bfloat16, device,
+                                                param_dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        def fn(*args):
+            return _ForcedPlan.apply(*args, plan) if plan is not None else gn.group_norm_act(*args)
+        y, grads, _ = run(fn, x, weight, bias, 4, scale, shift, True)
+        runs.append([y, *grads])
+    for name, first, second in zip(("y", "dx", "d_weight", "d_bias", "d_scale", "d_shift"), *runs):
+        assert torch.equal(first, second), f"{name} differs between two runs"
+
+
+def test_plan_heuristic():
+    """The shapes the issue names take the intended paths on an H100 (132 SMs, 50 MB L2)."""
+    h100 = dict(num_sms=132, l2_bytes=50 << 20)
+    # Unet's first stage, batch 32, bf16: one fused launch, a persistent grid whose groups in flight fit L2.
+    plan = gn.plan_group_norm(32, 64, 128 * 128, 8, False, True, 2, **h100)
+    assert (plan.tile, plan.chunks, plan.groups_per_pack) == ("big", 1, 1)
+    assert 132 <= plan.programs <= 256 and plan.programs * 8 * 128 * 128 * 2 <= 0.75 * (50 << 20)
+    # Batch 1: 8 groups alone would use 8 SMs; their pixels are split so that the GPU is filled.
+    plan = gn.plan_group_norm(1, 64, 128 * 128, 8, False, True, 2, **h100)
+    assert plan.chunks > 1 and 8 * plan.chunks >= 132
+    # 8x8 maps, 2 channels per group, channels_last: packs of 4 groups make 16-byte runs (8 channels), and
+    # still leave about two programs per SM.
+    plan = gn.plan_group_norm(32, 64, 8 * 8, 32, True, True, 2, **h100)
+    assert (plan.tile, plan.groups_per_pack, plan.programs) == ("small_maps", 4, 256)
+    # NCHW, 1 channel per group: as many groups per pack as keep two programs per SM (4, of 64 that fit).
+    plan = gn.plan_group_norm(32, 64, 8 * 8, 64, False, True, 2, **h100)
+    assert plan.groups_per_pack == 4 and plan.programs == 32 * 64 // 4
+    # Odd maps use the unaligned tile, whatever their size.
+    assert gn.plan_group_norm(4, 64, 127 * 127, 8, False, False, 2, **h100).tile == "unaligned"
+
+
+def test_forced_plan_is_checked(device):
+    x, weight, bias, scale, shift = make_inputs((2, 8, 5, 7), 2, torch.float32, device)
+    with pytest.raises(ValueError, match="vector-aligned"):
+        gn.group_norm_forward(x, weight, bias, 2, scale, shift, True, 1e-5, plan=gn.GroupNormPlan("rows", 1, 1, 1))
+    with pytest.raises(ValueError, match="groups per pack"):
+        gn.group_norm_forward(x, weight, bias, 2, scale, shift, True, 1e-5, plan=gn.GroupNormPlan("unaligned", 3, 1, 1))
+
+
+def test_opcheck(device):
+    x, weight, bias, scale, _ = make_inputs((2, 8, 4, 4), 2, torch.float32, device)
+    args = [t.detach().clone().requires_grad_() for t in (x, weight, bias, scale)]
+    torch.library.opcheck(torch.ops.fastunet.group_norm_act.default, (*args[:3], 2, args[3], None, True, 1e-5))
+
+
+def test_torch_compile(device):
+    x, weight, bias, scale, shift = make_inputs((2, 8, 4, 4), 2, torch.float32, device)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, scale)]
+
+    def block(x, weight, scale):
+        return gn.group_norm_act(x * 2, weight, bias, 2, scale, shift, True) + 1
+
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(*leaves)
+    y.sum().backward()
+    grads = [t.grad for t in leaves]
+    leaves_ref = [t.detach().clone().requires_grad_() for t in (x, weight, scale)]
+    y_ref = block(*leaves_ref)
+    y_ref.sum().backward()
+    assert_close(y, y_ref, what="compiled y")
+    for name, grad, leaf in zip(("dx", "d_weight", "d_scale"), grads, leaves_ref):
+        assert_close(grad, leaf.grad, what=f"compiled {name}", atol=1e-4)
+
+
+def test_gpu_compile():
+    """Every configuration the plans can launch compiles for sm_80 and sm_90 (with Triton's bundled ptxas, no
+    GPU needed), within shared memory, without register spills."""
+    expected = len(list(gn.gpu_compile_configs()))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess("fastunet.kernels.group_norm", arch),
+                                               (80, 90))))
+    for arch, records in results.items():
+        assert len(records) == expected, f"sm_{arch}: {len(records)} of {expected} configurations reported"
+        failed = [r for r in records if "error" in r]
+        assert not failed, f"sm_{arch}: {len(failed)} configurations failed, first: {failed[0]}"
+        for record in records:
+            assert record["shared"] <= SHARED_MEMORY_LIMIT[arch], f"sm_{arch}: {record}"
+            assert record["spills"] == 0, f"sm_{arch}: register spills in {record}"

@@ -1,0 +1,250 @@
+"""fastunet.kernels.rms_norm against fastunet.reference.rms_norm_act: forward and every gradient.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter (tests/conftest.py), so shapes are
+small; the tiles the plan would pick for other channel counts are forced by name. The GPU build of every
+configuration is checked by the ahead-of-time compile test at the end.
+"""
+
+import concurrent.futures
+import warnings
+
+import pytest
+import torch
+
+from fastunet import reference
+from fastunet.kernels import rms_norm as rn
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess
+from tolerances import TOLERANCES, assert_close
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_interpreter():
+    # The interpreter evaluates SiLU's exp(-u) in numpy, which warns on overflow to inf; the result (0) is right.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
+        yield
+
+
+def make_inputs(shape, dtype, device, channels_last=False, scale_shift="both", param_dtype=None, magnitude=1.0,
+                seed=0):
+    """x, g, scale, shift; scale and shift are the two halves of one (B, 2C) tensor (non-contiguous views)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, channels = shape[:2]
+    param_dtype = param_dtype or dtype
+    x = (torch.randn(shape, generator=generator) * magnitude).to(device, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    g = (1 + 0.5 * torch.randn(channels, generator=generator)).to(device, param_dtype)
+    time_embedding = (0.5 * torch.randn(batch, 2 * channels, generator=generator)).to(device, param_dtype)
+    scale = time_embedding[:, :channels] if scale_shift in ("both", "scale") else None
+    shift = time_embedding[:, channels:] if scale_shift in ("both", "shift") else None
+    return x, g, scale, shift
+
+
+def run(fn, x, g, scale, shift, silu, grad_y=None):
+    """y and the gradients of (y * grad_y).sum() for x, g, scale and shift (None where absent)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, g, scale, shift)]
+    y = fn(*leaves, silu, 1e-12)
+    if grad_y is None:
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
+    y.backward(grad_y)
+    return y, [None if t is None else t.grad for t in leaves], grad_y
+
+
+def assert_sum_close(actual, expected, summed, what):
+    """Parameter gradients are sums over `summed` (batch, pixel) terms of O(1) size, accumulated in fp32 in
+    different orders by the kernel and by PyTorch: their rounding errors have random signs and grow like
+    sqrt(summed), so the absolute tolerance of the gradient's dtype is scaled by sqrt(summed)."""
+    atol = TOLERANCES[expected.dtype]["atol"] * max(1.0, summed ** 0.5)
+    assert_close(actual, expected, what=what, atol=atol)
+
+
+class _ForcedTile(torch.autograd.Function):
+    """rms_norm_forward / rms_norm_backward with an explicit tile (the custom op always plans itself)."""
+
+    @staticmethod
+    def forward(ctx, x, g, scale, shift, silu, eps, tile):
+        ctx.save_for_backward(x, g, scale, shift)
+        ctx.silu, ctx.eps, ctx.tile = silu, eps, tile
+        return rn.rms_norm_forward(x, g, scale, shift, silu, eps, tile=tile)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, g, scale, shift = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] and t is not None for i, t in enumerate((x, g, scale, shift))]
+        grads = rn.rms_norm_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs, tile=ctx.tile)
+        return (*grads, None, None, None)
+
+
+def check_against_reference(x, g, scale, shift, silu, tile=None):
+    if tile is None:
+        fn = rn.rms_norm_act
+    else:
+        def fn(x, g, scale, shift, silu, eps):
+            return _ForcedTile.apply(x, g, scale, shift, silu, eps, tile)
+    y, grads, grad_y = run(fn, x, g, scale, shift, silu)
+    y_ref, grads_ref, _ = run(reference.rms_norm_act, x, g, scale, shift, silu, grad_y)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, y_ref, what="y")
+    assert_close(grads[0], grads_ref[0], what="dx")
+    batch, _, height, width = x.shape
+    for name, grad, grad_ref, summed in zip(("dg", "d_scale", "d_shift"), grads[1:], grads_ref[1:],
+                                            (batch * height * width, height * width, height * width)):
+        assert (grad is None) == (grad_ref is None), name
+        if grad is not None:
+            assert grad.dtype == grad_ref.dtype, name
+            assert_sum_close(grad, grad_ref, summed, name)
+    return y, grads
+
+
+# (shape, channels_last, scale_shift, silu): odd and Unet-like shapes, each run in every dtype below.
+CASES = [
+    ((2, 8, 5, 7), False, "both", True),  # odd H and W: the unaligned tile
+    ((2, 6, 1, 1), False, "both", True),  # H*W = 1
+    ((1, 3, 4, 4), True, "none", False),  # C = 3, channels_last (unaligned channels)
+    ((2, 12, 3, 5), True, "scale", True),
+    ((2, 64, 8, 8), False, "both", True),  # Unet-like: one 64-channel step per pixel block
+    ((2, 64, 8, 8), True, "shift", False),
+    ((1, 96, 16, 16), True, "both", True),  # 2 channel steps of 64, the second half masked
+    ((1, 256, 4, 4), False, "none", False),  # the 256-channel tile (attention pre-norm without epilogue)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, channels_last, scale_shift, silu", CASES, ids=str)
+def test_matches_reference(shape, channels_last, scale_shift, silu, dtype, device):
+    x, g, scale, shift = make_inputs(shape, dtype, device, channels_last, scale_shift)
+    y, _ = check_against_reference(x, g, scale, shift, silu)
+    if channels_last and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last in, channels_last out"
+    else:
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_mixed_precision_parameters(dtype, device):
+    """Autocast's mix: x in 16 bits, g, scale and shift in fp32; gradients come back in each dtype."""
+    x, g, scale, shift = make_inputs((2, 32, 8, 8), dtype, device, param_dtype=torch.float32)
+    _, grads = check_against_reference(x, g, scale, shift, True)
+    assert [t.dtype for t in grads] == [dtype] + [torch.float32] * 3
+
+
+def test_fp16_large_magnitudes_stay_finite(device):
+    """|x| up to 6e4 in fp16: the sum of squares (~1e11) overflows fp16 but not the fp32 accumulation."""
+    x, g, scale, shift = make_inputs((2, 32, 8, 8), torch.float16, device, magnitude=3e4)
+    x = x.clamp(-6e4, 6e4)
+    assert x.abs().max() > 5e4
+    y, grads = check_against_reference(x, g, scale, shift, True)
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads)
+
+
+def test_zero_pixels_take_the_eps_branch(device):
+    """A pixel whose channels are all zero has ||x|| < eps: y = 0, and dx = g-scaled dy / eps with no
+    normalization term, as the clamp's gradient says (matched against autograd through the reference)."""
+    x, g, scale, shift = make_inputs((1, 16, 4, 4), torch.float32, device)
+    x[:, :, 1, 2] = 0
+    x[:, :, 3, 0] = 1e-14  # nonzero, still below eps = 1e-12 in norm
+    check_against_reference(x, g, scale, shift, False)
+
+
+@pytest.mark.parametrize("tile", ["channels_64", "channels_256", "unaligned"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_forced_tiles(tile, channels_last, device):
+    """Each tile on ~300 channels: several channel steps, the last partly masked (296 in channels_last, where
+    the aligned tiles need a multiple of 8)."""
+    x, g, scale, shift = make_inputs((2, 296 if channels_last else 300, 4, 4), torch.float32, device, channels_last)
+    check_against_reference(x, g, scale, shift, True, tile=tile)
+
+
+def test_strided_inputs_are_copied_correctly(device):
+    base, g, scale, shift = make_inputs((2, 16, 9, 8), torch.float32, device)
+    check_against_reference(base[:, :, 1:], g, scale, shift, True)
+    wide, _, _, _ = make_inputs((2, 24, 8, 8), torch.float32, device)
+    check_against_reference(wide[:, 4:20], g, scale, shift, True)
+    x = base.detach().clone().requires_grad_()
+    rn.rms_norm_act(x, g, scale, shift, True).sum().backward()  # grad_y is expanded
+    x_ref = base.detach().clone().requires_grad_()
+    reference.rms_norm_act(x_ref, g, scale, shift, True).sum().backward()
+    assert_close(x.grad, x_ref.grad, what="dx from an expanded grad_y")
+
+
+@pytest.mark.parametrize("requires_grad", ["x", "g", "shift"])
+def test_only_some_inputs_require_grad(requires_grad, device):
+    x, g, scale, shift = make_inputs((2, 16, 8, 8), torch.float32, device)
+    grads = {}
+    for fn in (rn.rms_norm_act, reference.rms_norm_act):
+        inputs = dict(x=x.clone(), g=g.clone(), scale=scale.clone(), shift=shift.clone())
+        inputs[requires_grad].requires_grad_()
+        y = fn(inputs["x"], inputs["g"], inputs["scale"], inputs["shift"], True)
+        y.backward(torch.ones_like(y))
+        grads[fn] = inputs[requires_grad].grad
+    actual, expected = grads[rn.rms_norm_act], grads[reference.rms_norm_act]
+    if requires_grad == "x":
+        assert_close(actual, expected, what="dx")
+    else:
+        assert_sum_close(actual, expected, 2 * 8 * 8, f"d_{requires_grad}")
+
+
+def test_deterministic(device):
+    """Two runs give the same bits, forward and every gradient (no atomics, fixed reduction orders)."""
+    x, g, scale, shift = make_inputs((2, 96, 16, 16), torch.bfloat16, device, param_dtype=torch.float32)
+    runs = [run(rn.rms_norm_act, x, g, scale, shift, True) for _ in range(2)]
+    for name, first, second in zip(("y", "dx", "dg", "d_scale", "d_shift"), *([y, *grads] for y, grads, _ in runs)):
+        assert torch.equal(first, second), f"{name} differs between two runs"
+
+
+def test_plan_heuristic():
+    """The fewest masked channels, then the fewest channel steps; unaligned data gets the unaligned tile."""
+    assert [rn.plan_rms_norm(c, 64, False, True) for c in (3, 64, 96, 192, 256, 384, 512, 768)] == [
+        "channels_64", "channels_64", "channels_64", "channels_64", "channels_256", "channels_64", "channels_256",
+        "channels_256"]
+    assert rn.plan_rms_norm(64, 35, False, False) == "unaligned"
+
+
+def test_forced_tile_is_checked(device):
+    x, g, scale, shift = make_inputs((2, 8, 5, 7), torch.float32, device)
+    with pytest.raises(ValueError, match="vector-aligned"):
+        rn.rms_norm_forward(x, g, scale, shift, True, 1e-12, tile="channels_64")
+
+
+def test_opcheck(device):
+    x, g, scale, _ = make_inputs((2, 8, 4, 4), torch.float32, device)
+    args = [t.detach().clone().requires_grad_() for t in (x, g, scale)]
+    torch.library.opcheck(torch.ops.fastunet.rms_norm_act.default, (*args, None, True, 1e-12))
+
+
+def test_torch_compile(device):
+    x, g, scale, shift = make_inputs((2, 8, 4, 4), torch.float32, device)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, g, scale)]
+
+    def block(x, g, scale):
+        return rn.rms_norm_act(x * 2, g, scale, shift, True) + 1
+
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(*leaves)
+    y.sum().backward()
+    grads = [t.grad for t in leaves]
+    leaves_ref = [t.detach().clone().requires_grad_() for t in (x, g, scale)]
+    y_ref = block(*leaves_ref)
+    y_ref.sum().backward()
+    assert_close(y, y_ref, what="compiled y")
+    for name, grad, leaf in zip(("dx", "dg", "d_scale"), grads, leaves_ref):
+        assert_close(grad, leaf.grad, what=f"compiled {name}", atol=1e-4)
+
+
+def test_gpu_compile():
+    """Every configuration the plans can launch compiles for sm_80 and sm_90 (with Triton's bundled ptxas, no
+    GPU needed), within shared memory, without register spills."""
+    expected = len(list(rn.gpu_compile_configs()))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess("fastunet.kernels.rms_norm", arch),
+                                               (80, 90))))
+    for arch, records in results.items():
+        assert len(records) == expected, f"sm_{arch}: {len(records)} of {expected} configurations reported"
+        failed = [r for r in records if "error" in r]
+        assert not failed, f"sm_{arch}: {len(failed)} configurations failed, first: {failed[0]}"
+        for record in records:
+            assert record["shared"] <= SHARED_MEMORY_LIMIT[arch], f"sm_{arch}: {record}"
+            assert record["spills"] == 0, f"sm_{arch}: register spills in {record}"

@@ -14,30 +14,57 @@ from tolerances import assert_close
 CONFIG = dict(dim=8, dim_mults=(1, 2), attn_heads=2, attn_dim_head=16, resnet_block_groups=4)
 
 
-@pytest.mark.parametrize("block_norm", ["group", "rms"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backend_matches_reference(block_norm, dtype, device):
-    missing = {"group_norm_act", "rms_norm_act", "attention", "linear_attention"} - set(functional.TRITON_KERNELS)
-    assert not missing, f"ops without a registered Triton kernel: {sorted(missing)}"
+def run(model, x, time, backend, autocast_dtype=None):
+    model.zero_grad(set_to_none=True)
+    with fastunet.use_backend(backend), torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                                                       enabled=autocast_dtype is not None):
+        out = model(x, time)
+    out.float().square().mean().backward()
+    return out.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def build(block_norm, device):
     torch.manual_seed(0)
     model = fastunet.Unet(**CONFIG, block_norm=block_norm).to(device)
-    x = torch.randn(2, 3, 8, 8, device=device)
-    time = torch.tensor([10, 700], device=device)
+    return model, torch.randn(2, 3, 8, 8, device=device), torch.tensor([10, 700], device=device)
 
-    def run(backend):
-        model.zero_grad(set_to_none=True)
-        with fastunet.use_backend(backend), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x, time)
-        out.float().square().mean().backward()
-        return out.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    expected, expected_grads = run("reference")
-    actual, actual_grads = run("triton")
-    # fp32: both paths compute in fp32, differing in summation order only; through ~30 layers that stays ~1e-5.
-    # bf16 (autocast): the paths round activations to bf16 at different points; a few bf16 ulps of the output.
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
-    assert_close(actual, expected, what=f"{block_norm} {dtype} output", **tol)
+def test_every_op_has_a_kernel():
+    missing = {"group_norm_act", "rms_norm_act", "attention", "linear_attention"} - set(functional.TRITON_KERNELS)
+    assert not missing, f"ops without a registered Triton kernel: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("block_norm", ["group", "rms"])
+def test_fp32_matches_reference(block_norm, device):
+    model, x, time = build(block_norm, device)
+    expected, expected_grads = run(model, x, time, "reference")
+    actual, actual_grads = run(model, x, time, "triton")
+    # Both compute in fp32 and differ in summation order only (measured: 1e-6 of the output, 5e-6 of each gradient's
+    # largest entry); on a GPU the attention kernels' TF32 dots add ~1e-3 relative error.
+    assert_close(actual, expected, what=f"{block_norm} fp32 output", atol=2e-3, rtol=2e-3)
     for name, grad in expected_grads.items():
-        scale = grad.abs().max().item()
-        assert_close(actual_grads[name], grad, what=f"{block_norm} {dtype} grad {name}",
-                     atol=tol["atol"] * max(scale, 1) * (1 if dtype == torch.float32 else 4), rtol=tol["rtol"] * 4)
+        assert_close(actual_grads[name], grad, what=f"{block_norm} fp32 grad {name}",
+                     atol=5e-3 * grad.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("block_norm", ["group", "rms"])
+def test_bf16_autocast_error_is_comparable_to_the_reference(block_norm, device):
+    """Under bf16 autocast both paths round activations, at different places (the fused ops return bf16 and run
+    their dots on bf16 operands; the reference returns bf16 after fp32 math), so neither is the truth: both are
+    measured against the fp32 model. The Triton path's error must stay within a small multiple of the reference
+    path's (measured up to 5.3x on one of 100 gradients, 2-4x typically), plus a floor of 0.2% of each tensor's
+    largest entry for tensors the reference happens to get almost exactly right."""
+    model, x, time = build(block_norm, device)
+    truth, truth_grads = run(model, x, time, "reference")
+    reference_out, reference_grads = run(model, x, time, "reference", torch.bfloat16)
+    triton_out, triton_grads = run(model, x, time, "triton", torch.bfloat16)
+
+    def error(a, b):
+        return (a - b).abs().max().item()
+
+    bound = 8 * error(reference_out, truth) + 2e-3 * truth.abs().max().item()
+    assert error(triton_out, truth) <= bound, f"output error {error(triton_out, truth):.3g} > {bound:.3g}"
+    for name, grad in truth_grads.items():
+        bound = 8 * error(reference_grads[name], grad) + 2e-3 * grad.abs().max().item()
+        actual = error(triton_grads[name], grad)
+        assert actual <= bound, f"grad {name}: Triton bf16 error {actual:.3g} > bound {bound:.3g} (scale {grad.abs().max():.3g})"

@@ -49,6 +49,7 @@ from fastunet.kernels.scale_shift_act import (
     kernel_memory_format,
     load_scale_shift,
     row_strides,
+    runtime_flags,
     scale_shift_strides,
     tile_offsets,
     tile_pointers,
@@ -536,7 +537,7 @@ def group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=No
         x, y, *(absent if t is None else t for t in (weight, bias, scale, shift)),
         mean, rstd, partial_mean, partial_m2,
         *row_strides(x.shape, memory_format), *scale_shift_strides(scale, shift), *shape_args,
-        float(eps), weight is not None, bias is not None, scale is not None, shift is not None, bool(silu),
+        float(eps), *runtime_flags(weight is not None, bias is not None, scale is not None, shift is not None, silu),
     )
     _launch(_group_norm_forward_kernel, plan, shape_args[4], args, meta)
     return y, mean, rstd
@@ -571,7 +572,7 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
         *(absent if t is None else t for t in (weight32, bias32, scale32, shift32)),
         mean, rstd, sum_du_xhat, sum_du, partial_du_xhat, partial_du,
         *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32), *shape_args,
-        weight is not None, bias is not None, scale is not None, shift is not None, bool(silu), need_x,
+        *runtime_flags(weight is not None, bias is not None, scale is not None, shift is not None, silu, need_x),
     )
     _launch(_group_norm_backward_kernel, plan, shape_args[4], args, meta)
     parameter_grads = grads_from_sums(sum_du_xhat, sum_du, weight, bias, scale, shift, need_parameters)

@@ -40,6 +40,7 @@ from fastunet.kernels.scale_shift_act import (
     kernel_memory_format,
     load_scale_shift,
     row_strides,
+    runtime_flags,
     scale_shift_strides,
     tile_offsets,
     tile_pointers,
@@ -273,7 +274,7 @@ def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None):
         x, y, g32, g32 if scale32 is None else scale32, g32 if shift32 is None else shift32,
         *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32),
         channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5,
-        scale is not None, shift is not None, bool(silu), **meta)
+        *runtime_flags(scale is not None, shift is not None, silu), **meta)
     return y
 
 
@@ -299,7 +300,7 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None):
         g32 if scale32 is None else scale32, g32 if shift32 is None else shift32, partial_du_xhat, partial_du,
         *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32),
         channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5,
-        scale is not None, shift is not None, bool(silu), need_x, **meta)
+        *runtime_flags(scale is not None, shift is not None, silu, need_x), **meta)
     # Programs' partial sums reduced in a fixed order.
     sum_du_xhat, sum_du = partial_du_xhat.sum(1), partial_du.sum(1)
     need_g, need_scale, need_shift = need_parameters

@@ -31,7 +31,7 @@ def load_scale_shift(
     batch, channel,  # int scalar or vectors: the (batch, channel) of each lane
     mask,  # lanes to read; gives the shape of the results
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-    has_scale, has_shift,  # runtime bools
+    has_scale, has_shift,  # runtime 0/1 flags
 ):
     """(1 + scale, shift) of each lane as fp32 vectors of mask's shape; (1, 0) where absent."""
     one_plus_scale = tl.where(mask, 1.0, 1.0)
@@ -200,11 +200,19 @@ def gradient_or_empty(grad, like):
     return torch.empty(0, dtype=like.dtype, device=like.device) if grad is None else grad
 
 
+def runtime_flags(*conditions):
+    """Runtime on/off switches: bools (an i1 argument) on the GPU, 0/1 ints under the interpreter, whose Triton 3.6
+    version rejects Python bools for non-constexpr arguments (it builds an int32 array for an int1 type)."""
+    if INTERPRETING:
+        return tuple(int(bool(c)) for c in conditions)
+    return tuple(bool(c) for c in conditions)
+
+
 def compile_signature(kernel, constexprs, x_dtype, x_pointers, flags, floats=("eps",)):
     """The `signature` of triton.compiler.ASTSource for one kernel of the fused norms.
 
     x_pointers: pointer arguments in the input dtype `x_dtype`; every other pointer is fp32. flags: runtime bool
-    arguments; floats: fp32 scalars; constexprs: the constexpr values. Every other argument is an i32 (strides
+    arguments (runtime_flags); floats: fp32 scalars; constexprs: the constexpr values. Every other argument is an i32 (strides
     and sizes; Triton would pick i64 for values of 2**31 and more, and the same code compiles).
     """
     signature = {}
@@ -214,7 +222,7 @@ def compile_signature(kernel, constexprs, x_dtype, x_pointers, flags, floats=("e
         elif name.endswith("_ptr"):
             signature[name] = "*" + (TRITON_DTYPE_NAMES[x_dtype] if name in x_pointers else "fp32")
         elif name in flags:
-            signature[name] = "u1"
+            signature[name] = "u1"  # bools on the GPU, see runtime_flags
         elif name in floats:
             signature[name] = "fp32"
         else:

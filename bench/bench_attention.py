@@ -121,8 +121,15 @@ def test_attention(benchmark, implementation, n, mode):
                 return call()
 
     forward_flops = 4 * BATCH[n] * HEADS * n * (n + MEM) * HEAD_DIM
+    info = {}
+    if implementation == "triton":
+        # The launch configurations of this GPU's table (BLOCK_M, BLOCK_N, num_warps, num_stages), for the record.
+        from fastunet.kernels import attention as kernel_module
+
+        kernels = ("forward", "dkdv", "dq", "memory") if requires_grad else ("forward",)
+        info["tiles"] = {k: kernel_module._config(k, torch.bfloat16, HEAD_DIM, qkv.device) for k in kernels}
     run_benchmark(benchmark, step, flops=forward_flops * (3.5 if requires_grad else 1.0), rounds=10,
                   baseline=implementation == "sdpa_flash", batch=BATCH[n], heads=HEADS, n=n, mem=MEM,
-                  head_dim=HEAD_DIM, dtype="bfloat16")
+                  head_dim=HEAD_DIM, dtype="bfloat16", **info)
     del qkv, mem_kv, leaves
     torch.cuda.empty_cache()

@@ -51,9 +51,10 @@ LOG2E = 1.4426950408889634
 # compiler accepts, and the Unet's M=4 fits in one block.
 BLOCK_MEM = 16
 HEAD_DIMS = (16, 32, 64, 128)
-# batch * heads is the second grid axis (queries or keys are the first, so that the programs of one head run
-# together and share its keys/values in L2); CUDA allows 65535 there.
-MAX_BATCH_HEADS = 65535
+# Programs of one launch: each kernel's grid is one axis (see _program_block), which CUDA allows 2**31 - 1 long.
+# Blocks along N have at least 16 positions (the smallest dot tile), so a launch has at most B * heads *
+# cdiv(N, 16) programs: passing the limit takes q with over 2**35 elements (64 GiB in bf16).
+MAX_PROGRAMS = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,6 +69,17 @@ def _operand(x, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
     if DOT_FP32:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _program_block(n_items, BLOCK: tl.constexpr):
+    """(block, batch * heads + head) of this program. The grid has one axis of cdiv(n_items, BLOCK) * batch * heads
+    programs (at most 2**31 - 1, MAX_PROGRAMS), the blocks of one (batch, head) consecutive: programs that run
+    together share that head's keys/values in L2, as with blocks on the first axis of a 2-D grid, but without the
+    65535 limit of the second axis on batch * heads."""
+    n_blocks = tl.cdiv(n_items, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -119,7 +131,7 @@ def _attention_forward_kernel(
     stride_mkh, stride_mkm, stride_mkd,  # strides of MEM_K
     stride_mvh, stride_mvm, stride_mvd,  # strides of MEM_V
     stride_ob, stride_oh, stride_on, stride_od,  # strides of OUT
-    HEADS,  # number of heads: program_id(1) is batch * HEADS + head
+    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
     N_CTX,  # N, the number of image positions (queries, and keys after the memory slots)
     M_MEM,  # M, the number of memory slots (may be 0)
     qk_scale,  # softmax scale (d^-0.5) * log2(e), fp32
@@ -130,8 +142,7 @@ def _attention_forward_kernel(
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_block(N_CTX, BLOCK_M)
     # int64 base offsets: B * 3*heads*d * N passes 2**31 elements for large batches at high resolution.
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
@@ -179,13 +190,12 @@ def _attention_backward_delta_kernel(
     DELTA,  # (B, heads, N) fp32, contiguous: rowsum(GRAD_OUT * OUT)
     stride_ob, stride_oh, stride_on, stride_od,  # strides of OUT
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
-    HEADS,  # number of heads: program_id(1) is batch * HEADS + head
+    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
     N_CTX,  # N
     HEAD_DIM: tl.constexpr,  # d
     BLOCK_M: tl.constexpr,  # rows per program
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_block(N_CTX, BLOCK_M)
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -250,7 +260,7 @@ def _attention_backward_dkdv_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # strides of DK
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # strides of DV
-    HEADS,  # number of heads: program_id(1) is batch * HEADS + head
+    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
     N_CTX,  # N
     qk_scale,  # softmax scale (d^-0.5) * log2(e)
     sm_scale,  # softmax scale, d^-0.5
@@ -260,8 +270,7 @@ def _attention_backward_dkdv_kernel(
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_block(N_CTX, BLOCK_N)
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -344,7 +353,7 @@ def _attention_backward_memory_kernel(
     stride_mkh, stride_mkm, stride_mkd,  # strides of MEM_K
     stride_mvh, stride_mvm, stride_mvd,  # strides of MEM_V
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
-    HEADS,  # number of heads: program_id(1) is batch * HEADS + head
+    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
     N_CTX,  # N
     M_MEM,  # M (> 0: the kernel is not launched without memory slots)
     qk_scale,  # softmax scale (d^-0.5) * log2(e)
@@ -360,8 +369,7 @@ def _attention_backward_memory_kernel(
     alone, so the sum over the batch (in torch, afterwards) needs no atomics. Unlike the image-key programs, the
     slots are the right operand of the score dots: a 16-row left operand would be replicated in every warp."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n, pid_bh = _program_block(M_MEM, BLOCK_MEM)
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -442,7 +450,7 @@ def _attention_backward_dq_kernel(
     stride_mvh, stride_mvm, stride_mvd,  # strides of MEM_V
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # strides of DQ
-    HEADS,  # number of heads: program_id(1) is batch * HEADS + head
+    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
     N_CTX,  # N
     M_MEM,  # M (may be 0)
     qk_scale,  # softmax scale (d^-0.5) * log2(e)
@@ -454,8 +462,7 @@ def _attention_backward_dq_kernel(
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_block(N_CTX, BLOCK_M)
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -500,42 +507,75 @@ def _attention_backward_dq_kernel(
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
 
-# One configuration per (kernel, dot precision, head dim) on the GPU, chosen ahead of time so that the tests compile
-# every one of them (gpu_compile_configs) for sm_80 and sm_90 and check shared memory, tensor cores and register
-# spills. The compile there sees no 16-byte alignment (as a launch with N not a multiple of 16 does), so loads are
-# not vectorized, the worst case for registers. Dot precision: "16" for fp16/bf16, "tf32" for fp32.
+# One configuration per (GPU architecture, kernel, dot precision, head dim), chosen ahead of time so that the tests
+# compile every one of them (gpu_compile_configs) for its architecture and check shared memory, tensor cores and
+# register spills, with triton 3.6 (the GPU machines') and 3.8 alike. Each is compiled twice: without alignment
+# hints (a launch with N not a multiple of 16: loads are not vectorized, every element of a tile keeps its own
+# 64-bit address, the worst case for registers) and with the 16-divisibility Triton specializes for the Unet's
+# shapes (H*W a multiple of 16 from 4x4 up, see _divisibility), which vectorizes the loads, pipelines them through
+# cp.async and needs far fewer registers. "16": fp16/bf16 dots; "tf32": fp32 inputs (TF32 dots, see the module doc).
 # Values: (BLOCK_M, BLOCK_N, num_warps, num_stages); for "dkdv" BLOCK_M is the query step and BLOCK_N the keys of
 # one program; for "memory" BLOCK_M is the query step and BLOCK_N the memory slots of one program (BLOCK_MEM).
-# - d <= 32, 16-bit (the Unet's attention, the performance target): the FlashAttention-2 shapes, 128 queries x 64
-#   keys per forward step (4 warps: one warpgroup, wgmma takes 64 rows per warpgroup), 128 keys per dk/dv
-#   program and 128 queries per dq program (8 warps), 3-stage pipelines.
+# _table_arch picks the table: sm_90's (wgmma, 228 KiB of shared memory) on Hopper and datacenter Blackwell,
+# sm_80's (mma.sync) elsewhere.
+# - d <= 32, 16-bit (the Unet's attention, the performance target): FlashAttention-2 shapes with 16 query (or key)
+#   rows per warp, 8 warps for 128-row tiles (wgmma: two warpgroups of 64 rows), so that two or three programs
+#   share an SM. Registers of the bf16 d=32 builds, aligned / unaligned, triton 3.8 (3.6 within a few, except sm_80
+#   dk/dv unaligned 254 and dq unaligned 170); programs per SM that the registers allow, aligned:
+#     sm_90: forward 128 queries x 64 keys, 3 stages, 90/128 (2 x 8 warps); dk/dv 128 keys x 32-query steps,
+#            119/108 (2 x 8 warps); dq 128 queries x 32 keys, 74/95 (3 x 8 warps).
+#     sm_80: forward 128 x 32, 102/127 (2 x 8 warps; 128 x 64 took 140/175, one program); dk/dv 64 keys x
+#            32 queries on 4 warps, 164/242 (3 x 4 warps); dq 128 x 32, 124/158 (2 x 8 warps).
+#   The former forward, 128 x 64 on 4 warps, took 255 registers unaligned (spilling 4 bytes on sm_80 with 3.6),
+#   170/218 aligned on sm_90/sm_80: two 4-warp programs per SM; the former dk/dv (64 x 128 keys, 8 warps) 162 to
+#   255: one program.
 # - Larger head dims and fp32 (TF32 operands are twice the size of 16-bit ones): on sm_80, mma.sync keeps the
-#   loop-invariant left operand of the dots (q in the forward and dq, k and v in dk/dv) in registers, 16 rows x d
-#   per warp, so tiles shrink as d grows; at d=128 the backward takes 16x16 tiles. Compiled for sm_90 with
-#   alignment, larger tiles fit (e.g. 16-bit dk/dv 64x64 at d=128 with 248 registers): a per-architecture table
-#   is the next step once the compile check can tell which architecture a configuration is for.
-# - fp32 at d=128 spills a few bytes on sm_80 with every tile tried (forward 24 B, dk/dv 16 B, dq ~500 B); those
-#   three are listed in SM80_SPILLS_ALLOWED and exempted from the sm_80 spill check (none spills on sm_90).
-_GPU_CONFIGS = {
+#   loop-invariant left operand of the dots (q in the forward and dq, k and v in dk/dv) and the whole right operand
+#   of each step in registers, so tiles shrink as d grows; at d=128 the backward takes 16x16 tiles. sm_90's wgmma
+#   reads its right operand from shared memory, so larger tiles fit there (16-bit dk/dv 64 keys, dq 128 queries at
+#   d=128). The memory-slot kernel runs 8 warps: with 4, its unaligned q and grad-out tiles spilled at d=128.
+# - fp32 at d=128 on sm_80 spills unaligned with every tile tried (forward 28/52 bytes with triton 3.8/3.6, dk/dv
+#   16/48, dq 52/76), not aligned: SM80_SPILLS_ALLOWED lists exactly those three, exempt from the spill check.
+_SM80_CONFIGS = {
     "forward": {
-        "16": {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+        "16": {16: (128, 64, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (128, 16, 8, 2)},
         "tf32": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 32, 8, 2), 128: (128, 16, 8, 1)},
     },
     "dkdv": {
-        "16": {16: (64, 128, 8, 3), 32: (64, 128, 8, 3), 64: (16, 128, 8, 2), 128: (16, 16, 4, 1)},
+        "16": {16: (32, 64, 4, 3), 32: (32, 64, 4, 3), 64: (16, 128, 8, 2), 128: (16, 16, 8, 1)},
+        "tf32": {16: (64, 64, 8, 2), 32: (32, 64, 8, 2), 64: (16, 32, 8, 1), 128: (16, 16, 8, 1)},
+    },
+    "dq": {
+        "16": {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 2), 128: (16, 16, 8, 1)},
+        "tf32": {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (128, 16, 8, 1), 128: (16, 16, 8, 1)},
+    },
+    "memory": {
+        "16": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (32, 16, 8, 2), 128: (32, 16, 8, 1)},
+        "tf32": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (32, 16, 8, 1), 128: (32, 16, 8, 1)},
+    },
+}
+_SM90_CONFIGS = {
+    "forward": {
+        "16": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+        "tf32": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 32, 8, 2), 128: (128, 16, 8, 1)},
+    },
+    "dkdv": {
+        "16": {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (16, 128, 8, 2), 128: (16, 64, 8, 2)},
         "tf32": {16: (64, 64, 8, 2), 32: (32, 64, 8, 2), 64: (16, 64, 8, 1), 128: (16, 16, 8, 1)},
     },
     "dq": {
-        "16": {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 32, 8, 2), 128: (16, 16, 4, 1)},
+        "16": {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 2), 128: (128, 16, 8, 2)},
         "tf32": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (128, 16, 8, 1), 128: (128, 16, 8, 1)},
     },
     "memory": {
-        "16": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 1)},
-        "tf32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 1)},
+        "16": {16: (128, 16, 8, 2), 32: (128, 16, 8, 2), 64: (32, 16, 8, 2), 128: (32, 16, 8, 1)},
+        "tf32": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (32, 16, 8, 1), 128: (32, 16, 8, 1)},
     },
 }
-# (kernel, dot precision, head dim) whose sm_80 build spills registers (see above); the tests exempt exactly these.
-SM80_SPILLS_ALLOWED = {("forward", "tf32", 128), ("dkdv", "tf32", 128), ("dq", "tf32", 128)}
+_GPU_CONFIGS = {80: _SM80_CONFIGS, 90: _SM90_CONFIGS}
+# (kernel, dot precision, head dim, aligned) whose sm_80 build spills registers, with triton 3.6 and 3.8 (see
+# above): fp32 at d=128 with N not a multiple of 16. The tests exempt exactly these, and fail if one stops spilling.
+SM80_SPILLS_ALLOWED = {("forward", "tf32", 128, False), ("dkdv", "tf32", 128, False), ("dq", "tf32", 128, False)}
 # The delta preprocess is a bandwidth-bound row reduction: 4096 elements of each operand per program.
 _DELTA_ELEMENTS = 4096
 # The interpreter runs one configuration; its cost is per program and per operation, so tiles are large. 32x32
@@ -548,12 +588,21 @@ def _dot_precision(dtype):
     return "tf32" if dtype == torch.float32 else "16"
 
 
-def _config(kernel, dtype, head_dim):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` for inputs of `dtype` and head dim `head_dim`."""
+def _table_arch(arch):
+    """The configuration table for compute capability `arch` (80, 86, 89, 90, 100, 120, ...): sm_90's for Hopper and
+    the datacenter Blackwells (228 KiB of shared memory), sm_80's for the others. sm_86, sm_89 and sm_120 have
+    99 KiB per block, which the sm_80 table fits (the tests check it) and the sm_90 one does not."""
+    return 90 if 90 <= arch < 120 else 80
+
+
+def _config(kernel, dtype, head_dim, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` for inputs of `dtype` and head dim `head_dim` on
+    `device`."""
     if INTERPRETING:
         block_m, block_n, num_warps, num_stages = _INTERPRETER_CONFIG
         return block_m, BLOCK_MEM if kernel == "memory" else block_n, num_warps, num_stages
-    return _GPU_CONFIGS[kernel][_dot_precision(dtype)][head_dim]
+    major, minor = torch.cuda.get_device_capability(device)
+    return _GPU_CONFIGS[_table_arch(10 * major + minor)][kernel][_dot_precision(dtype)][head_dim]
 
 
 def _delta_block(head_dim):
@@ -578,6 +627,14 @@ def _mem_or_standin(mem, like):
     return mem if mem.shape[1] > 0 else like[0]
 
 
+def _grid(n_items, block, batch_heads):
+    """The one-axis grid of a kernel with cdiv(n_items, block) programs per (batch, head) (see _program_block)."""
+    programs = triton.cdiv(n_items, block) * batch_heads
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"attention: {programs} programs exceed the {MAX_PROGRAMS} of a CUDA grid axis")
+    return (programs,)
+
+
 def _forward(q, k, v, mem_k, mem_v, scale):
     batch, heads, n, d = q.shape
     out = _empty_like_output(q)
@@ -586,9 +643,8 @@ def _forward(q, k, v, mem_k, mem_v, scale):
         return out, lse
     m = mem_k.shape[1]
     mem_k, mem_v = _mem_or_standin(mem_k, k), _mem_or_standin(mem_v, v)
-    block_m, block_n, num_warps, num_stages = _config("forward", q.dtype, d)
-    grid = (triton.cdiv(n, block_m), batch * heads)
-    _attention_forward_kernel[grid](
+    block_m, block_n, num_warps, num_stages = _config("forward", q.dtype, d, q.device)
+    _attention_forward_kernel[_grid(n, block_m, batch * heads)](
         q, k, v, mem_k, mem_v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(), *out.stride(),
         heads, n, m, scale * LOG2E,
@@ -610,13 +666,13 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
         scales = (scale * LOG2E, scale)
         delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
         delta_block = _delta_block(d)
-        _attention_backward_delta_kernel[(triton.cdiv(n, delta_block), batch * heads)](
+        _attention_backward_delta_kernel[_grid(n, delta_block, batch * heads)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n, HEAD_DIM=d, BLOCK_M=delta_block,
             num_warps=1 if INTERPRETING else 4,
         )
 
-        block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, d)
-        _attention_backward_dkdv_kernel[(triton.cdiv(n, block_n), batch * heads)](
+        block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, d, q.device)
+        _attention_backward_dkdv_kernel[_grid(n, block_n, batch * heads)](
             q, k, v, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), heads, n, *scales,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=INTERPRETING, num_warps=num_warps,
@@ -624,8 +680,8 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
         )
 
         if m > 0:
-            block_m, block_mem, num_warps, num_stages = _config("memory", q.dtype, d)
-            _attention_backward_memory_kernel[(triton.cdiv(m, block_mem), batch * heads)](
+            block_m, block_mem, num_warps, num_stages = _config("memory", q.dtype, d, q.device)
+            _attention_backward_memory_kernel[_grid(m, block_mem, batch * heads)](
                 q, mem_k, mem_v, grad_out, lse, delta, dmem_k_partial, dmem_v_partial,
                 *q.stride(), *mem_k.stride(), *mem_v.stride(), *grad_out.stride(), heads, n, m, *scales,
                 HEAD_DIM=d, BLOCK_M=block_m, BLOCK_MEM=block_mem, DOT_FP32=INTERPRETING, num_warps=num_warps,
@@ -633,8 +689,8 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
             )
 
         mem_k_in, mem_v_in = _mem_or_standin(mem_k, k), _mem_or_standin(mem_v, v)
-        block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, d)
-        _attention_backward_dq_kernel[(triton.cdiv(n, block_m), batch * heads)](
+        block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, d, q.device)
+        _attention_backward_dq_kernel[_grid(n, block_m, batch * heads)](
             q, k, v, mem_k_in, mem_v_in, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *mem_k_in.stride(), *mem_v_in.stride(), *grad_out.stride(),
             *dq.stride(), heads, n, m, *scales,
@@ -714,8 +770,8 @@ def unsupported_reason(q, k, v, mem_k, mem_v):
     """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None."""
     if q.shape[-1] > HEAD_DIMS[-1]:
         return f"the attention kernels take head dims up to {HEAD_DIMS[-1]}, got {q.shape[-1]}"
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the kernels' {MAX_BATCH_HEADS}"
+    if q.shape[0] * q.shape[1] * triton.cdiv(q.shape[2], 16) > MAX_PROGRAMS:
+        return f"q of shape {tuple(q.shape)} needs more than the {MAX_PROGRAMS} programs of a CUDA grid axis"
     return None
 
 
@@ -724,7 +780,7 @@ def attention(q, k, v, mem_k, mem_v):
 
     q, k, v: (B, heads, N, d), one dtype among fp32/fp16/bf16, any strides, d <= 128.
     mem_k, mem_v: (heads, M, d), M >= 0, any float dtype (fp32 parameters under autocast); cast to q's dtype.
-    B * heads <= 65535 (MAX_BATCH_HEADS).
+    B * heads * cdiv(N, 16) <= 2**31 - 1 (MAX_PROGRAMS).
     Returns (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N): the memory of a contiguous
     (B, heads*d, H, W) tensor, which to_out reads without a copy. Head dims outside HEAD_DIMS are zero-padded to
     the next one (their result is then a slice of the padded output); head dims above 128 raise ValueError.
@@ -733,9 +789,6 @@ def attention(q, k, v, mem_k, mem_v):
     padded = next((h for h in HEAD_DIMS if h >= d), None)
     if padded is None:
         raise ValueError(f"attention: the Triton kernel takes head dims up to {HEAD_DIMS[-1]}, got {d}")
-    if batch * heads > MAX_BATCH_HEADS:
-        raise ValueError(f"attention: batch * heads = {batch * heads} exceeds the {MAX_BATCH_HEADS} programs a CUDA "
-                         "grid's second axis holds")
     if padded != d:
         # Zero dims add nothing to q.k and give zero output columns, sliced off.
         q, k, v, mem_k, mem_v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v, mem_k, mem_v))
@@ -748,18 +801,31 @@ def attention(q, k, v, mem_k, mem_v):
 # ----------------------------------------------------------------------------------------------------------------
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_KERNELS = {"forward": _attention_forward_kernel, "delta": _attention_backward_delta_kernel,
+            "dkdv": _attention_backward_dkdv_kernel, "memory": _attention_backward_memory_kernel,
+            "dq": _attention_backward_dq_kernel}
 # Strides equal to 1 in the Unet's layout, which Triton specializes as constants at launch: positions are
 # contiguous in q, k, v (views of the to_qkv output), grad_out and every (B, heads, N, d) tensor the kernels
 # allocate; the memory slots (heads, M, d) are contiguous parameters.
 _UNIT_STRIDES = {"stride_qn", "stride_kn", "stride_vn", "stride_on", "stride_gn", "stride_dkn", "stride_dvn",
                  "stride_dqn", "stride_mkd", "stride_mvd"}
-# Pointer arguments: those of the first set are fp32 whatever the input dtype; the others have q's dtype.
+# Pointer arguments: those of the first set are fp32 whatever the input dtype; the memory slots have their own
+# dtype (fp32 parameters under autocast); the others have q's dtype.
 _FP32_POINTERS = {"LSE", "DELTA", "DMEM_K", "DMEM_V"}
-_POINTERS = _FP32_POINTERS | {"Q", "K", "V", "MEM_K", "MEM_V", "OUT", "GRAD_OUT", "DQ", "DK", "DV"}
+_MEM_POINTERS = {"MEM_K", "MEM_V"}
+_POINTERS = _FP32_POINTERS | _MEM_POINTERS | {"Q", "K", "V", "OUT", "GRAD_OUT", "DQ", "DK", "DV"}
+# Integer arguments that are multiples of 16 in the Unet's layout whenever N is (H*W at every resolution from 4x4
+# up): the non-unit strides of the (B, heads, N, d) tensors (3*heads*d*N, d*N, N for to_qkv views; heads*d*N,
+# d*N, N for the tensors the kernels allocate), N itself, and the memory slots' strides (M*d, d, with d >= 16).
+# Not HEADS nor M_MEM (4 in the Unet). With 16-byte aligned pointers (PyTorch's allocator, and the to_qkv chunks
+# begin heads*d*N elements apart) Triton's launch marks exactly these tt.divisibility=16.
+_DIVISIBLE_INTS = {"N_CTX"} | {f"stride_{t}{a}" for t in ("q", "k", "v", "o", "g", "dk", "dv", "dq")
+                              for a in ("b", "h", "d")} | {f"stride_{t}{a}" for t in ("mk", "mv") for a in ("h", "m")}
 
 
-def _signature(kernel, dtype, constexprs):
-    """Argument types of `kernel` as a GPU launch with inputs of `dtype` in the Unet's layout specializes them."""
+def _signature(kernel, dtype, constexprs, mem_dtype=None):
+    """Argument types of `kernel` as a GPU launch with inputs of `dtype` (memory slots of `mem_dtype`, default
+    `dtype`) in the Unet's layout specializes them."""
     signature, constants = {}, dict(constexprs)
     for name in kernel.arg_names:
         if name in constexprs:
@@ -767,8 +833,12 @@ def _signature(kernel, dtype, constexprs):
         elif name in _UNIT_STRIDES:
             signature[name] = "constexpr"
             constants[name] = 1
+        elif name in _FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name in _MEM_POINTERS:
+            signature[name] = "*" + _TRITON_DTYPES[mem_dtype or dtype]
         elif name in _POINTERS:
-            signature[name] = "*fp32" if name in _FP32_POINTERS else "*" + _TRITON_DTYPES[dtype]
+            signature[name] = "*" + _TRITON_DTYPES[dtype]
         elif name in ("qk_scale", "sm_scale"):
             signature[name] = "fp32"
         else:
@@ -776,27 +846,52 @@ def _signature(kernel, dtype, constexprs):
     return signature, constants
 
 
-def gpu_compile_configs():
-    """Every (kernel, signature, constexprs, options) a GPU launch can select: for fp16, bf16 and fp32, each head dim of
-    HEAD_DIMS, and the five kernels, in the Unet's layout (positions contiguous) with the memory slots in q's dtype
-    (fp32 memory slots under autocast change only the cast after their load)."""
-    kernels = {"forward": _attention_forward_kernel, "dkdv": _attention_backward_dkdv_kernel,
-               "memory": _attention_backward_memory_kernel, "dq": _attention_backward_dq_kernel}
+def _divisibility(kernel, signature):
+    """Triton's `attrs` for a launch in the Unet's layout with N a multiple of 16: every pointer and every argument
+    of _DIVISIBLE_INTS divisible by 16, keyed by argument index as ASTSource takes them (triton 3.6 to 3.8)."""
+    return {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+            if signature[name] != "constexpr" and (signature[name].startswith("*") or name in _DIVISIBLE_INTS)}
+
+
+def _compile_entry(name, dtype, head_dim, tiles, aligned=False, mem_dtype=None):
+    """(kernel, signature, constexprs, options[, attrs]) of kernel `name` launched with `tiles` (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) on inputs of `dtype`, memory slots of `mem_dtype`, in the Unet's layout; `aligned`: with
+    N a multiple of 16 (the divisibility Triton then specializes), else the worst case (no hints)."""
+    kernel = _KERNELS[name]
+    block_m, block_n, num_warps, num_stages = tiles
+    if name == "delta":
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m)
+    else:
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, DOT_FP32=False)
+        constexprs["BLOCK_MEM" if name == "memory" else "BLOCK_N"] = block_n
+        if name in ("forward", "dq"):
+            constexprs["BLOCK_MEM"] = BLOCK_MEM
+    signature, constants = _signature(kernel, dtype, constexprs, mem_dtype)
+    options = {k: v for k, v in dict(num_warps=num_warps, num_stages=num_stages).items() if v is not None}
+    if not aligned:
+        return kernel, signature, constants, options
+    return kernel, signature, constants, options, _divisibility(kernel, signature)
+
+
+def gpu_compile_configs(arch=None):
+    """Every (kernel, signature, constexprs, options[, attrs]) a GPU launch on sm_`arch` can select (arch 80 or 90:
+    that architecture's table, see _table_arch; None: both tables), in the Unet's layout (positions contiguous):
+    for fp16, bf16 and fp32, each head dim of HEAD_DIMS and the five kernels, memory slots in q's dtype, without
+    alignment hints (N not a multiple of 16, the worst case for registers: 4-tuples); for fp16 and bf16 also
+    aligned (N a multiple of 16, as in the Unet at every resolution from 4x4: `attrs` with the divisibility Triton
+    specializes) and, both ways, the autocast case (fp32 memory slots) of the three kernels that read the slots.
+    fp32 has no aligned builds: it is not the Unet's training precision, and they would add 20 builds per
+    architecture to the compile test (when the tables were chosen, no fp32 configuration spilled aligned)."""
     configs = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in HEAD_DIMS:
-            for name, kernel in kernels.items():
-                block_m, block_n, num_warps, num_stages = _GPU_CONFIGS[name][_dot_precision(dtype)][head_dim]
-                constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, DOT_FP32=False)
-                if name == "memory":
-                    constexprs["BLOCK_MEM"] = block_n
-                else:
-                    constexprs["BLOCK_N"] = block_n
-                if name in ("forward", "dq"):
-                    constexprs["BLOCK_MEM"] = BLOCK_MEM
-                signature, constants = _signature(kernel, dtype, constexprs)
-                configs.append((kernel, signature, constants, dict(num_warps=num_warps, num_stages=num_stages)))
-            signature, constants = _signature(_attention_backward_delta_kernel, dtype,
-                                              dict(HEAD_DIM=head_dim, BLOCK_M=_DELTA_ELEMENTS // head_dim))
-            configs.append((_attention_backward_delta_kernel, signature, constants, dict(num_warps=4)))
+    for table_arch in (80, 90) if arch is None else (_table_arch(arch),):
+        table = _GPU_CONFIGS[table_arch]
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in HEAD_DIMS:
+                for name in ("forward", "delta", "dkdv", "memory", "dq"):
+                    tiles = (_DELTA_ELEMENTS // head_dim, None, 4, None) if name == "delta" else \
+                        table[name][_dot_precision(dtype)][head_dim]
+                    for aligned in (False, True) if dtype != torch.float32 else (False,):
+                        configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned))
+                        if dtype != torch.float32 and name in ("forward", "memory", "dq"):
+                            configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned, torch.float32))
     return configs

@@ -5,10 +5,19 @@ compiled-only paths), so each kernel module lists what a GPU run can select in `
 tests compile all of it here with Triton's bundled ptxas. Run as a script in a subprocess: the kernels must be
 imported with TRITON_INTERPRET unset, which the test process (interpreting) cannot do.
 
+`gpu_compile_configs()` yields (kernel, signature, constexprs, options) or (kernel, signature, constexprs, options,
+attrs) tuples. `attrs` (optional, may be None) adds the argument attributes Triton's launch specializes, e.g. the
+16-divisibility of pointers and integers (which a launch with suitably aligned arguments gets, and which lets loads
+vectorize): {argument name or (argument index,): [["tt.divisibility", 16]]}, passed to ASTSource keyed by
+argument index, which triton 3.6 through 3.8 accept alike. A module whose `gpu_compile_configs` takes an `arch`
+argument is asked for the configurations of that compute capability (80, 90) only; `configurations(module, arch)`
+gives the list the records below follow, one record per configuration, in order.
+
     python tests/gpu_compile.py fastunet.kernels.group_norm 90   -> one JSON line per configuration
 """
 
 import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -40,14 +49,37 @@ def ptxas_report(ptx, arch):
     return registers, spills
 
 
+def configurations(module, arch):
+    """The module's configurations for sm_`arch`, each as a 5-tuple (attrs None where the module gave 4)."""
+    listing = module.gpu_compile_configs
+    configs = listing(arch=arch) if "arch" in inspect.signature(listing).parameters else listing()
+    return [(*config, None) if len(config) == 4 else tuple(config) for config in configs]
+
+
+def triton_attrs(kernel, attrs):
+    """`attrs` keyed as ASTSource takes them, by the argument's index path: {(index,): [[name, value], ...]}; keys
+    may be given as argument names, indices or index tuples."""
+    def path(key):
+        if isinstance(key, str):
+            return (kernel.arg_names.index(key),)
+        return (key,) if isinstance(key, int) else tuple(key)
+
+    return {path(key): [list(attr) for attr in specs] for key, specs in (attrs or {}).items()}
+
+
 def compile_module(module_name, arch):
     import triton
     from triton.backends.compiler import GPUTarget
 
     module = importlib.import_module(module_name)
-    for kernel, signature, constexprs, options in module.gpu_compile_configs():
-        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    for kernel, signature, constexprs, options, attrs in configurations(module, arch):
+        attrs = triton_attrs(kernel, attrs)
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         name = f"{kernel.__name__}[{', '.join(f'{k}={v}' for k, v in {**constexprs, **options}.items())}]"
+        if attrs:
+            hints = sorted(kernel.arg_names[key[0]] for key, specs in attrs.items()
+                           if ["tt.divisibility", 16] in specs)
+            name += f" divisible16({','.join(hints)})"
         record = {"name": name}
         try:
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

@@ -13,7 +13,7 @@ import concurrent.futures
 import pytest
 import torch
 
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess, configurations
 from tolerances import assert_close
 
 import fastunet.kernels.attention as kernel_module
@@ -192,9 +192,26 @@ def test_rejected_shapes(device):
     inputs, _ = _inputs(1, 1, 8, 4, 256, torch.float32, device)
     with pytest.raises(ValueError, match="head dims up to 128"):
         attention(*inputs)
-    inputs, _ = _inputs(kernel_module.MAX_BATCH_HEADS + 1, 1, 1, 4, 16, torch.float32, device)
-    with pytest.raises(ValueError, match="batch \\* heads"):
-        attention(*inputs)
+
+
+def test_program_limit():
+    """The grids have one axis of up to 2**31 - 1 programs: only shapes with B * heads * cdiv(N, 16) past that are
+    refused (checked on meta tensors, which allocate nothing)."""
+    def reason(batch, heads, n):
+        q = torch.empty(batch, heads, n, 32, device="meta")
+        mem = torch.empty(heads, 4, 32, device="meta")
+        return kernel_module.unsupported_reason(q, q, q, mem, mem)
+
+    assert reason(2**16, 2, 4096) is None  # batch * heads past the 65535 of a second grid axis
+    assert reason(2**20, 16, 2**16) is not None
+    assert "programs" in reason(2**20, 16, 2**16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="65540 (batch, head) pairs take minutes in the interpreter")
+def test_many_batch_heads(device):
+    """More than 65535 (batch, head) pairs, the limit of a second grid axis, against the reference."""
+    inputs, grad = _inputs(2**14 + 1, 4, 16, 4, 16, torch.bfloat16, device, seed=8)
+    _check_against_reference(inputs, grad, "B*heads = 65540")
 
 
 def test_deterministic(device):
@@ -231,40 +248,41 @@ def test_torch_compile(device):
         assert_close(a, b, what=f"compiled {name}")
 
 
-KERNEL_NAMES = {
-    kernel_module._attention_forward_kernel: "forward",
-    kernel_module._attention_backward_delta_kernel: "delta",
-    kernel_module._attention_backward_dkdv_kernel: "dkdv",
-    kernel_module._attention_backward_memory_kernel: "memory",
-    kernel_module._attention_backward_dq_kernel: "dq",
-}
+KERNEL_NAMES = {kernel: name for name, kernel in kernel_module._KERNELS.items()}
+# sm_86, sm_89 and sm_120 run the sm_80 table (see _table_arch) with 99 KiB of shared memory per block.
+SM80_TABLE_SHARED_LIMIT = 101376
 
 
 def test_gpu_compile():
-    """Every configuration a GPU launch can select compiles for sm_80 and sm_90 (Triton's bundled ptxas), fits in
-    shared memory, spills no registers, and runs its dots on tensor cores (mma/wgmma; fp32 runs TF32 dots). The
-    compile sees no 16-byte alignment, i.e. the specialization of N not a multiple of 16, the worse one for
-    registers. Exempt from the spill check: the sm_80 builds of fp32 at head dim 128 that the kernel module lists in
-    SM80_SPILLS_ALLOWED (with its reason); the check fails if one of them stops spilling, so the list stays exact."""
-    configs = kernel_module.gpu_compile_configs()
+    """Every configuration a GPU launch can select compiles for its architecture's table, sm_80 and sm_90 (Triton's
+    bundled ptxas), fits in shared memory, spills no registers, and runs its dots on tensor cores (mma/wgmma; fp32
+    runs TF32 dots). Each compiles without alignment hints (N not a multiple of 16, the worse case for registers)
+    and, for fp16/bf16, also with the divisibility the Unet's shapes get (and with fp32 memory slots, autocast).
+    Exempt from the spill check: the sm_80 builds the kernel module lists in SM80_SPILLS_ALLOWED (with its reason);
+    the check fails if one of them stops spilling, so the list stays exact."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         records = dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess("fastunet.kernels.attention", arch),
                                                 (80, 90))))
     problems = []
     for arch, arch_records in records.items():
+        configs = configurations(kernel_module, arch)
         if len(arch_records) != len(configs):
             problems.append(f"sm_{arch}: {len(arch_records)} records for {len(configs)} configurations")
-        for (kernel, signature, constexprs, _), record in zip(configs, arch_records):
+        for (kernel, signature, constexprs, _, attrs), record in zip(configs, arch_records):
             name = KERNEL_NAMES[kernel]
             pointer = signature.get("Q", signature.get("OUT"))
             precision = "tf32" if pointer == "*fp32" else "16"
-            where = f"sm_{arch} {pointer[1:]} {record['name']}"
+            memory = signature.get("MEM_K", pointer)
+            where = (f"sm_{arch} {pointer[1:]}" + (f" (memory slots {memory[1:]})" if memory != pointer else "")
+                     + f" {record['name']}")
             if "error" in record:
                 problems.append(f"{where}: {record['error']}")
                 continue
-            if record["shared"] > SHARED_MEMORY_LIMIT[arch]:
-                problems.append(f"{where}: {record['shared']} bytes of shared memory > {SHARED_MEMORY_LIMIT[arch]}")
-            exempt = arch == 80 and (name, precision, constexprs["HEAD_DIM"]) in kernel_module.SM80_SPILLS_ALLOWED
+            limit = SM80_TABLE_SHARED_LIMIT if arch == 80 else SHARED_MEMORY_LIMIT[arch]
+            if record["shared"] > limit:
+                problems.append(f"{where}: {record['shared']} bytes of shared memory > {limit}")
+            key = (name, precision, constexprs["HEAD_DIM"], bool(attrs))
+            exempt = arch == 80 and key in kernel_module.SM80_SPILLS_ALLOWED
             if record["spills"] and not exempt:
                 problems.append(f"{where}: {record['spills']} bytes of spills ({record['registers']} registers)")
             if exempt and not record["spills"]:
@@ -272,3 +290,30 @@ def test_gpu_compile():
             if name != "delta" and not record["tensor_cores"]:
                 problems.append(f"{where}: no tensor-core instruction (mma/wgmma)")
     assert not problems, "\n".join(problems)
+
+
+def test_gpu_compile_coverage():
+    """The compile test covers, for each architecture's table, every configuration a launch selects, unaligned and
+    (16-bit) aligned, and the autocast specialization (fp32 memory slots) of every kernel that reads the slots."""
+    for arch in (80, 90):
+        listed = set()
+        for kernel, signature, constexprs, options, attrs in configurations(kernel_module, arch):
+            name = KERNEL_NAMES[kernel]
+            tiles = (constexprs["BLOCK_M"], constexprs.get("BLOCK_MEM" if name == "memory" else "BLOCK_N"),
+                     options["num_warps"], options.get("num_stages"))
+            listed.add((name, signature.get("Q", signature.get("OUT")), signature.get("MEM_K"),
+                        constexprs["HEAD_DIM"], tiles, bool(attrs)))
+            if attrs:
+                assert all(signature[kernel.arg_names[i]] != "constexpr" for (i,) in attrs), "hint on a constant"
+        table = kernel_module._GPU_CONFIGS[kernel_module._table_arch(arch)]
+        for dtype, pointer in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+            for head_dim in kernel_module.HEAD_DIMS:
+                for name in ("forward", "dkdv", "memory", "dq"):
+                    tiles = table[name][kernel_module._dot_precision(dtype)][head_dim]
+                    for aligned in (False, True) if dtype != torch.float32 else (False,):
+                        memories = ("*fp32",) if dtype == torch.float32 else (pointer, "*fp32")
+                        for memory in memories if name != "dkdv" else (None,):
+                            assert (name, pointer, memory, head_dim, tiles, aligned) in listed, \
+                                (arch, name, pointer, memory, head_dim, tiles, aligned)
+    assert kernel_module._table_arch(86) == kernel_module._table_arch(120) == 80
+    assert kernel_module._table_arch(90) == kernel_module._table_arch(100) == 90

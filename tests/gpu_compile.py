@@ -101,6 +101,27 @@ def compile_in_subprocess(module_name, arch):
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
 
+def compile_for_both_archs(module_name):
+    """{arch: records} for sm_80 and sm_90, the two compiles running side by side in subprocesses."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess(module_name, arch), (80, 90))))
+
+
+def assert_every_config_compiles_cleanly(module_name):
+    """Every configuration of `module_name` compiles for sm_80 and sm_90, within shared memory, without spills."""
+    module = importlib.import_module(module_name)
+    for arch, records in compile_for_both_archs(module_name).items():
+        expected = len(configurations(module, arch))
+        assert len(records) == expected, f"sm_{arch}: {len(records)} of {expected} configurations reported"
+        failed = [r for r in records if "error" in r]
+        assert not failed, f"sm_{arch}: {len(failed)} configurations failed, first: {failed[0]}"
+        for record in records:
+            assert record["shared"] <= SHARED_MEMORY_LIMIT[arch], f"sm_{arch}: shared memory over the limit in {record}"
+            assert record["spills"] == 0, f"sm_{arch}: register spills in {record}"
+
+
 if __name__ == "__main__":
     for result in compile_module(sys.argv[1], int(sys.argv[2])):
         print(json.dumps(result), flush=True)

@@ -8,12 +8,11 @@ so their yardstick is the same math with every dot operand truncated to TF32 (10
 Hopper tensor cores do; under the interpreter fp32 dots are exact and the kernel passes far inside that bound.
 """
 
-import concurrent.futures
 
 import pytest
 import torch
 
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess, configurations
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_both_archs, configurations
 from tolerances import assert_close
 
 import fastunet.kernels.attention as kernel_module
@@ -260,9 +259,7 @@ def test_gpu_compile():
     and, for fp16/bf16, also with the divisibility the Unet's shapes get (and with fp32 memory slots, autocast).
     Exempt from the spill check: the sm_80 builds the kernel module lists in SM80_SPILLS_ALLOWED (with its reason);
     the check fails if one of them stops spilling, so the list stays exact."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        records = dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess("fastunet.kernels.attention", arch),
-                                                (80, 90))))
+    records = compile_for_both_archs("fastunet.kernels.attention")
     problems = []
     for arch, arch_records in records.items():
         configs = configurations(kernel_module, arch)

@@ -6,7 +6,6 @@ persistent programs) are forced through explicit plans. The GPU build of every c
 ahead-of-time compile test at the end.
 """
 
-import concurrent.futures
 import warnings
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from fastunet import reference
 from fastunet.kernels import group_norm as gn
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess
+from gpu_compile import assert_every_config_compiles_cleanly
 from tolerances import TOLERANCES, assert_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -282,14 +281,4 @@ def test_torch_compile(device):
 def test_gpu_compile():
     """Every configuration the plans can launch compiles for sm_80 and sm_90 (with Triton's bundled ptxas, no
     GPU needed), within shared memory, without register spills."""
-    expected = len(list(gn.gpu_compile_configs()))
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess("fastunet.kernels.group_norm", arch),
-                                               (80, 90))))
-    for arch, records in results.items():
-        assert len(records) == expected, f"sm_{arch}: {len(records)} of {expected} configurations reported"
-        failed = [r for r in records if "error" in r]
-        assert not failed, f"sm_{arch}: {len(failed)} configurations failed, first: {failed[0]}"
-        for record in records:
-            assert record["shared"] <= SHARED_MEMORY_LIMIT[arch], f"sm_{arch}: {record}"
-            assert record["spills"] == 0, f"sm_{arch}: register spills in {record}"
+    assert_every_config_compiles_cleanly("fastunet.kernels.group_norm")

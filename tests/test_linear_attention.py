@@ -14,12 +14,11 @@ can cancel far below its terms (an element's error follows its terms, not its va
 The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest, so the GPU's errors are smaller.
 """
 
-import concurrent.futures
 
 import pytest
 import torch
 
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_in_subprocess
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_both_archs
 from tolerances import TOLERANCES, assert_close
 
 import fastunet.kernels.linear_attention as kernel_module
@@ -263,10 +262,7 @@ def test_heuristic_selects_listed_configs(monkeypatch):
 @pytest.fixture(scope="module")
 def compiled_configs():
     """Records of compiling every listed configuration for sm_80 and sm_90, the two archs in parallel."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = {arch: pool.submit(compile_in_subprocess, "fastunet.kernels.linear_attention", arch)
-                   for arch in (80, 90)}  # fmt: skip
-        return {arch: future.result() for arch, future in futures.items()}
+    return compile_for_both_archs("fastunet.kernels.linear_attention")
 
 
 @pytest.mark.parametrize("arch", [80, 90])

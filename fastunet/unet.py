@@ -172,7 +172,7 @@ class Unet(nn.Module):
             x = torch.cat((x_self_cond, x), dim=1)
 
         x = self.init_conv(x)
-        r = x.clone()
+        r = x  # upstream clones here; nothing modifies x in place, so the copy is not needed
         t = self.time_mlp(time)
 
         skips = []

@@ -20,6 +20,7 @@ def attention(q, k, v, mem_k, mem_v, sdpa=False):
     if sdpa:
         out = F.scaled_dot_product_attention(query, keys, values)
     else:
-        similarity = torch.einsum("b h i d, b h j d -> b h i j", query, keys) * q.shape[-1] ** -0.5
+        # Scaling q (N x d) instead of the scores (N x (M + N)): the same product, a smaller pass.
+        similarity = torch.einsum("b h i d, b h j d -> b h i j", query * q.shape[-1] ** -0.5, keys)
         out = torch.einsum("b h i j, b h j d -> b h i d", similarity.softmax(dim=-1), values)
     return out.to(q.dtype)

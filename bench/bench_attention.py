@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from measure import CUDA, GPU_ONLY_REASON, run_benchmark
+from measure import CUDA, GPU_ONLY_REASON, pass_step, run_benchmark
 
 pytestmark = pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
 
@@ -110,15 +110,7 @@ def test_attention(benchmark, implementation, n, mode):
         def call():
             return fn(*_split(qkv, mem_kv))
 
-    if requires_grad:
-        grad = torch.randn(BATCH[n], HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-
-        def step():
-            return torch.autograd.grad(call(), leaves, grad)
-    else:
-        def step():
-            with torch.no_grad():
-                return call()
+    step = pass_step(call, leaves, mode)
 
     forward_flops = 4 * BATCH[n] * HEADS * n * (n + MEM) * HEAD_DIM
     info = {}

@@ -14,7 +14,7 @@ import torch
 
 from fastunet import reference
 from fastunet.kernels.group_norm import group_norm_act
-from measure import CUDA, GPU_ONLY_REASON, run_benchmark
+from measure import CUDA, GPU_ONLY_REASON, pass_step, run_benchmark
 
 pytestmark = [
     pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON),
@@ -73,24 +73,9 @@ def test_group_norm(benchmark, shape, dtype, channels_last, implementation, pass
 
     element_bytes = x.numel() * x.element_size()
     leaves = (x, weight, bias, time_embedding)
-    if pass_ == "forward":
-        def step():
-            with torch.no_grad():
-                return forward()
-        bytes_moved = 2 * element_bytes
-    elif pass_ == "backward":
-        y = forward()
-        grad_y = torch.randn_like(y)
-
-        def step():
-            return torch.autograd.grad(y, leaves, grad_y, retain_graph=True)
-        bytes_moved = 3 * element_bytes
-    else:
-        grad_y = torch.randn_like(forward())
-
-        def step():
-            return torch.autograd.grad(forward(), leaves, grad_y)
-        bytes_moved = 5 * element_bytes
+    step = pass_step(forward, leaves, pass_)
+    # Minimum traffic: x read and y written; backward reads x and dy and writes dx; both passes add up.
+    bytes_moved = {"forward": 2, "backward": 3, "forward_backward": 5}[pass_] * element_bytes
     run_benchmark(benchmark, step, bytes_moved=bytes_moved, op="group_norm_act", shape=list(shape), groups=GROUPS,
                   dtype=str(dtype), layout=layout,
                   implementation=implementation, pass_=pass_)

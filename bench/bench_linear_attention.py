@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from measure import CUDA, GPU_ONLY_REASON, run_benchmark
+from measure import CUDA, GPU_ONLY_REASON, pass_step, run_benchmark
 
 pytestmark = pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
 
@@ -76,16 +76,7 @@ def test_linear_attention(benchmark, implementation, case, mode):
     qkv, mem_kv, grad = _inputs(dtype, n, requires_grad)
     fn = _implementation(implementation)
 
-    if requires_grad:
-
-        def step():
-            return torch.autograd.grad(fn(*_split(qkv, mem_kv)), (qkv, mem_kv), grad)
-
-    else:
-
-        def step():
-            with torch.no_grad():
-                return fn(*_split(qkv, mem_kv))
+    step = pass_step(lambda: fn(*_split(qkv, mem_kv)), (qkv, mem_kv), mode, grad)
 
     tensor_bytes = BATCH * HEADS * HEAD_DIM * n * qkv.element_size()
     run_benchmark(benchmark, step, bytes_moved=TENSORS_MOVED[mode] * tensor_bytes, rounds=10,

@@ -42,6 +42,29 @@ def hbm_bandwidth_gbs():
     return 2 * src.numel() / ms / 1e6
 
 
+def pass_step(forward, leaves, pass_, grad_output=None):
+    """The function to time for one pass of an op.
+
+    forward: () -> output; leaves: the tensors to differentiate; pass_: "forward" (under no_grad), "backward"
+    (autograd through one recorded forward, retained) or "forward_backward"; grad_output: the output's gradient
+    (random of the output's shape when None).
+    """
+    if pass_ == "forward":
+        def step():
+            with torch.no_grad():
+                return forward()
+        return step
+    if grad_output is None:
+        with torch.no_grad():
+            grad_output = torch.randn_like(forward())
+    if pass_ == "backward":
+        recorded = forward()
+        return lambda: torch.autograd.grad(recorded, leaves, grad_output, retain_graph=True)
+    if pass_ == "forward_backward":
+        return lambda: torch.autograd.grad(forward(), leaves, grad_output)
+    raise ValueError(f"expected pass_ in ('forward', 'backward', 'forward_backward'), got {pass_!r}")
+
+
 def run_benchmark(benchmark, fn, *, bytes_moved=None, flops=None, rounds=None, **info):
     """Time fn with pytest-benchmark (synchronized) and, on CUDA, record the device median and throughput.
 

@@ -109,8 +109,9 @@ def compile_for_both_archs(module_name):
         return dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess(module_name, arch), (80, 90))))
 
 
-def assert_every_config_compiles_cleanly(module_name):
-    """Every configuration of `module_name` compiles for sm_80 and sm_90, within shared memory, without spills."""
+def assert_every_config_compiles_cleanly(module_name, spill_bytes_allowed=0):
+    """Every configuration of `module_name` compiles for sm_80 and sm_90, within shared memory, and spills at most
+    `spill_bytes_allowed` bytes of registers (0 unless a caller has shown where a spill sits and why it is cheap)."""
     module = importlib.import_module(module_name)
     for arch, records in compile_for_both_archs(module_name).items():
         expected = len(configurations(module, arch))
@@ -119,7 +120,7 @@ def assert_every_config_compiles_cleanly(module_name):
         assert not failed, f"sm_{arch}: {len(failed)} configurations failed, first: {failed[0]}"
         for record in records:
             assert record["shared"] <= SHARED_MEMORY_LIMIT[arch], f"sm_{arch}: shared memory over the limit in {record}"
-            assert record["spills"] == 0, f"sm_{arch}: register spills in {record}"
+            assert record["spills"] <= spill_bytes_allowed, f"sm_{arch}: register spills in {record}"
 
 
 if __name__ == "__main__":

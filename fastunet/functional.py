@@ -28,11 +28,6 @@ def _implementation(op_name, device, args):
     """
     if not use_triton(op_name, device):
         return getattr(reference, op_name)
-    if op_name not in TRITON_KERNELS:
-        # Until an op has a kernel only its reference can run; asking for "triton" explicitly is an error.
-        if requested_backend() == "triton":
-            raise RuntimeError(f"fastunet backend 'triton' was requested for {op_name}, which has no Triton kernel yet")
-        return getattr(reference, op_name)
     module = importlib.import_module(TRITON_KERNELS[op_name])
     unsupported_reason = getattr(module, "unsupported_reason", None)
     why = unsupported_reason(*args) if unsupported_reason is not None else None

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastunet.attention import Attention, LinearAttention
-from fastunet.checks import describe
+from fastunet.checks import FLOAT_DTYPES, describe
 from fastunet.layers import (
     BLOCK_NORMS,
     Downsample,
@@ -143,9 +143,9 @@ class Unet(nn.Module):
         return 2 ** (len(self.downs) - 1)
 
     def _check_inputs(self, x, time, x_self_cond):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in FLOAT_DTYPES:
             got = describe(x) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"Unet: expected x as a 4-D floating-point tensor (batch, {self.channels}, H, W), got {got}")
+            raise TypeError(f"Unet: expected x as a 4-D fp32/fp16/bf16 tensor (batch, {self.channels}, H, W), got {got}")
         batch, channels, height, width = x.shape
         if channels != self.channels:
             raise ValueError(f"Unet: expected x with {self.channels} channels, got shape {tuple(x.shape)}")

@@ -24,7 +24,8 @@ TIME = torch.tensor([1, 2])
     [
         ((torch.randn(2, 4, 16, 16), TIME), ValueError, r"expected x with 3 channels, got shape \(2, 4, 16, 16\)"),
         ((torch.randn(2, 3, 16, 10), TIME), ValueError, r"divisible by downsample_factor=4, got 16x10"),
-        ((torch.randn(3, 16, 16), TIME), TypeError, r"expected x as a 4-D floating-point tensor .* got \(3, 16, 16\)"),
+        ((torch.randn(3, 16, 16), TIME), TypeError, r"expected x as a 4-D fp32/fp16/bf16 tensor .* got \(3, 16, 16\)"),
+        ((torch.randn(2, 3, 16, 16).double(), TIME), TypeError, r"got \(2, 3, 16, 16\) float64"),
         ((torch.ones(2, 3, 16, 16, dtype=torch.int64), TIME), TypeError, r"got \(2, 3, 16, 16\) int64"),
         ((X, torch.tensor([1, 2, 3])), ValueError, r"expected time of shape \(2,\) for a batch of 2, got \(3,\)"),
         ((X, torch.tensor([[1], [2]])), ValueError, r"expected time of shape \(2,\) .* got \(2, 1\)"),

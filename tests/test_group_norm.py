@@ -15,7 +15,7 @@ import triton
 from fastunet import reference
 from fastunet.kernels import group_norm as gn
 from gpu_compile import assert_every_config_compiles_cleanly
-from tolerances import TOLERANCES, assert_close
+from tolerances import assert_close, assert_sum_close
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,14 +58,6 @@ def run(fn, x, weight, bias, groups, scale, shift, silu, grad_y=None):
         grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
     y.backward(grad_y)
     return y, [None if t is None else t.grad for t in leaves], grad_y
-
-
-def assert_sum_close(actual, expected, summed, what):
-    """Parameter gradients are sums over `summed` (batch, pixel) terms of O(1) size, accumulated in fp32 in
-    different orders by the kernel and by PyTorch: their rounding errors have random signs and grow like
-    sqrt(summed), so the absolute tolerance of the gradient's dtype is scaled by sqrt(summed)."""
-    atol = TOLERANCES[expected.dtype]["atol"] * max(1.0, summed ** 0.5)
-    assert_close(actual, expected, what=what, atol=atol)
 
 
 def check_against_reference(x, weight, bias, groups, scale, shift, silu, plan=None):

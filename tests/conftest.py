@@ -1,6 +1,11 @@
 import os
+import pathlib
+import sys
 
 import torch
+
+# The GPU-kernel counter lives with the benchmarks (bench/kernel_count.py); tests assert the same counts.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 
 # Without a GPU the kernels run on CPU tensors through the Triton interpreter. Triton reads the variable when a
 # kernel is decorated, so it must be set before fastunet.kernels is imported by any test module.

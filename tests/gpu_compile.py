@@ -10,8 +10,11 @@ attrs) tuples. `attrs` (optional, may be None) adds the argument attributes Trit
 16-divisibility of pointers and integers (which a launch with suitably aligned arguments gets, and which lets loads
 vectorize): {argument name or (argument index,): [["tt.divisibility", 16]]}, passed to ASTSource keyed by
 argument index, which triton 3.6 through 3.8 accept alike. A module whose `gpu_compile_configs` takes an `arch`
-argument is asked for the configurations of that compute capability (80, 90) only; `configurations(module, arch)`
-gives the list the records below follow, one record per configuration, in order.
+argument is asked for the configurations of that compute capability (one of ARCHS) only; `configurations(module,
+arch)` gives the list the records below follow, one record per configuration, in order.
+
+Every architecture users train on is compiled: A100 (sm_80), RTX 30xx (sm_86), RTX 40xx (sm_89), H100/H200 (sm_90)
+and RTX 50xx (sm_120), each against its own shared-memory limit.
 
     python tests/gpu_compile.py fastunet.kernels.group_norm 90   -> one JSON line per configuration
 """
@@ -26,20 +29,32 @@ import subprocess
 import sys
 import tempfile
 
-# Largest dynamic shared memory per block, in bytes: A100 (sm_80) and H100 (sm_90).
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+# Largest (opt-in) shared memory per block in bytes, `shared_memory_per_block_optin` of each architecture: A100
+# 163 KB, the consumer cards (RTX 30/40/50: sm_86, sm_89, sm_120) 99 KB, H100/H200 227 KB.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+ARCHS = tuple(SHARED_MEMORY_LIMIT)
+
+
+def ptxas_path(arch):
+    """Triton's bundled ptxas for sm_`arch`: Triton ships a separate one for Blackwell (sm_100 and later)."""
+    import triton
+
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    blackwell = bin_dir / "ptxas-blackwell"
+    return blackwell if arch >= 100 and blackwell.exists() else bin_dir / "ptxas"
+
+
+def gpu_name(arch):
+    """The ptxas target Triton compiles sm_`arch` for: the arch-specific 'a' variant from sm_90 on."""
+    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
 
 
 def ptxas_report(ptx, arch):
     """Registers and spill bytes of one kernel, from Triton's bundled ptxas."""
-    import triton
-
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        run = subprocess.run([str(ptxas), "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
+        run = subprocess.run([str(ptxas_path(arch)), "-v", f"--gpu-name={gpu_name(arch)}", f.name, "-o", os.devnull],
                              capture_output=True, text=True, check=True)
     finally:
         os.unlink(f.name)
@@ -101,19 +116,20 @@ def compile_in_subprocess(module_name, arch):
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
 
-def compile_for_both_archs(module_name):
-    """{arch: records} for sm_80 and sm_90, the two compiles running side by side in subprocesses."""
+def compile_for_archs(module_name, archs=ARCHS):
+    """{arch: records} for each of `archs`, compiled in subprocesses two at a time (this machine has 2 cores)."""
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        return dict(zip((80, 90), pool.map(lambda arch: compile_in_subprocess(module_name, arch), (80, 90))))
+        return dict(zip(archs, pool.map(lambda arch: compile_in_subprocess(module_name, arch), archs)))
 
 
-def assert_every_config_compiles_cleanly(module_name, spill_bytes_allowed=0):
-    """Every configuration of `module_name` compiles for sm_80 and sm_90, within shared memory, and spills at most
-    `spill_bytes_allowed` bytes of registers (0 unless a caller has shown where a spill sits and why it is cheap)."""
+def assert_every_config_compiles_cleanly(module_name, spill_bytes_allowed=0, archs=ARCHS):
+    """Every configuration of `module_name` compiles for each of `archs` (all five by default), within that
+    architecture's shared memory, and spills at most `spill_bytes_allowed` bytes of registers (0 unless a caller
+    has shown where a spill sits and why it is cheap)."""
     module = importlib.import_module(module_name)
-    for arch, records in compile_for_both_archs(module_name).items():
+    for arch, records in compile_for_archs(module_name, archs).items():
         expected = len(configurations(module, arch))
         assert len(records) == expected, f"sm_{arch}: {len(records)} of {expected} configurations reported"
         failed = [r for r in records if "error" in r]

@@ -12,7 +12,7 @@ Hopper tensor cores do; under the interpreter fp32 dots are exact and the kernel
 import pytest
 import torch
 
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_both_archs, configurations
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_archs, configurations
 from tolerances import assert_close
 
 import fastunet.kernels.attention as kernel_module
@@ -259,7 +259,7 @@ def test_gpu_compile():
     and, for fp16/bf16, also with the divisibility the Unet's shapes get (and with fp32 memory slots, autocast).
     Exempt from the spill check: the sm_80 builds the kernel module lists in SM80_SPILLS_ALLOWED (with its reason);
     the check fails if one of them stops spilling, so the list stays exact."""
-    records = compile_for_both_archs("fastunet.kernels.attention")
+    records = compile_for_archs("fastunet.kernels.attention", (80, 90))
     problems = []
     for arch, arch_records in records.items():
         configs = configurations(kernel_module, arch)

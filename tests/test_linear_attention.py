@@ -18,7 +18,7 @@ The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest, so the G
 import pytest
 import torch
 
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_both_archs
+from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_archs
 from tolerances import TOLERANCES, assert_close
 
 import fastunet.kernels.linear_attention as kernel_module
@@ -262,7 +262,7 @@ def test_heuristic_selects_listed_configs(monkeypatch):
 @pytest.fixture(scope="module")
 def compiled_configs():
     """Records of compiling every listed configuration for sm_80 and sm_90, the two archs in parallel."""
-    return compile_for_both_archs("fastunet.kernels.linear_attention")
+    return compile_for_archs("fastunet.kernels.linear_attention", (80, 90))
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -1,0 +1,143 @@
+"""Static cost sections of the fused norms (kernels/group_norm.py, kernels/rms_norm.py) for bench/static_report.py.
+
+    python bench/static_report.py static_norm
+
+Each norm's forward and backward launches as the Unet makes them: Unet(dim=64, dim_mults=(1, 2, 4, 8)), batch 32,
+128x128 down to 16x16, bf16 activations (fp32 weight/bias/g under autocast, scale/shift the two halves of the bf16
+time-MLP output), G=8, NCHW; plus batch 1 at 128x128. The launchers plan for the report's device (SM count, L2).
+
+L2 model of the bytes moved (CPU-derived): a pass that re-reads data another pass of the same program read
+earlier finds the most recently read `L2 bytes` of everything in flight, so a fraction max(0, 1 - L2 / in flight)
+of the re-read comes from HBM; "in flight" is the programs' groups held between the passes (x, and dy in the
+backward). A second launch re-reading the whole tensor finds min(1, L2 / tensor bytes) of it in L2.
+"""
+
+import torch
+
+import static_report as report
+from fastunet.kernels import group_norm as gn
+from fastunet.kernels import rms_norm as rn
+
+BATCH = 32
+GROUPS = 8
+DTYPE = torch.bfloat16
+# (channels, side) of each distinct norm shape in Unet(dim=64, dim_mults=(1, 2, 4, 8)) at 128x128: the down
+# stages' blocks (64@128, 64@64, 128@32, 256@16), the middle (512@16), the up stages' (512@16, 256@32, 128@64,
+# 64@128), the final block (64@128).
+UNET_SHAPES = [(64, 128), (64, 64), (128, 64), (128, 32), (256, 32), (256, 16), (512, 16)]
+
+
+def _device_limits(device):
+    """What the planners' device_limits returns for the report's device."""
+    return lambda _torch_device: (device.num_sms, device.l2_bytes)
+
+
+def _inputs(batch, channels, side):
+    """x, weight, bias, g (fp32) and the scale/shift halves of a bf16 time-MLP output: CPU tensors, never read."""
+    x = torch.empty(batch, channels, side, side, dtype=DTYPE)
+    time_mlp = torch.empty(batch, 2 * channels, dtype=DTYPE)
+    scale, shift = time_mlp.chunk(2, dim=1)
+    return x, torch.empty(channels), torch.empty(channels), scale, shift
+
+
+def _miss(in_flight, l2_bytes):
+    return max(0.0, 1.0 - l2_bytes / in_flight) if in_flight else 0.0
+
+
+def _group_norm_rows(device, batch, channels, side, backward):
+    x, weight, bias, scale, shift = _inputs(batch, channels, side)
+    patches = {gn: {"device_limits": _device_limits(device)}}
+    if backward:
+        mean = torch.empty(batch, GROUPS)
+        launches = report.capture_launches(
+            lambda: gn.group_norm_backward(torch.empty_like(x), x, weight, bias, GROUPS, scale, shift, True, mean,
+                                           torch.empty_like(mean), [True] * 5), patches)
+    else:
+        launches = report.capture_launches(
+            lambda: gn.group_norm_forward(x, weight, bias, GROUPS, scale, shift, True, 1e-5), patches)
+    norm_launches = [launch for launch in launches if "group_norm" in launch.kernel.__name__]
+    tile_launch = norm_launches[0]
+    constants = tile_launch.kwargs
+    tile_elements = constants["BLOCK_ROWS"] * constants["BLOCK_PIXELS"]
+    x_bytes = x.numel() * x.element_size()
+    streams = 2 if backward else 1  # tensors read twice: x (and dy)
+    minimum = (3 if backward else 2) * x_bytes
+    shape = f"{batch}x{channels}x{side}x{side}"
+    direction = "bwd" if backward else "fwd"
+    rows = []
+    if len(norm_launches) == 1:
+        # One fused launch: each program holds its pack between phase A and phase B.
+        pack_bytes = x_bytes * streams // (batch * GROUPS) * _groups_per_pack(tile_launch)
+        in_flight = min(tile_launch.programs, _num_packs(tile_launch)) * pack_bytes
+        moved = minimum + streams * x_bytes * _miss(in_flight, device.l2_bytes)
+        rows.append(report.kernel_row(f"{direction} {shape}", tile_launch, device, tile_elements=tile_elements,
+                                      elements=x.numel(), element_size=x.element_size(), bytes_moved=moved,
+                                      bytes_minimum=minimum))
+    else:
+        # Split path: launch 1 reads x (and dy) once in its first tile loop; launch 2 re-reads them in its last
+        # tile loop and writes the output. The op's minimum is split between them: the reads, then the write.
+        first_read = streams * x_bytes
+        second_read = first_read * _miss(first_read, device.l2_bytes)
+        for index, (launch, loops, moved, least) in enumerate(zip(
+                norm_launches, ([0], [-1]), (first_read, second_read + x_bytes), (first_read, x_bytes))):
+            rows.append(report.kernel_row(f"{direction} {shape} launch {index + 1}", launch, device,
+                                          tile_elements=tile_elements, elements=x.numel(),
+                                          element_size=x.element_size(), bytes_moved=moved, bytes_minimum=least,
+                                          loops_run=loops))
+    return rows, len(launches)
+
+
+def _groups_per_pack(launch):
+    return _argument(launch, "groups_per_pack")
+
+
+def _num_packs(launch):
+    return _argument(launch, "num_packs")
+
+
+def _argument(launch, name):
+    names = launch.kernel.arg_names
+    if name in launch.kwargs:
+        return launch.kwargs[name]
+    return launch.args[names.index(name)]
+
+
+def _rms_norm_rows(device, batch, channels, side, backward):
+    x, _, _, scale, shift = _inputs(batch, channels, side)
+    g = torch.empty(channels)
+    patches = {rn: {"device_limits": _device_limits(device)}} if hasattr(rn, "device_limits") else {}
+    if backward:
+        launches = report.capture_launches(
+            lambda: rn.rms_norm_backward(torch.empty_like(x), x, g, scale, shift, True, 1e-12, [True] * 4), patches)
+    else:
+        launches = report.capture_launches(
+            lambda: rn.rms_norm_forward(x, g, scale, shift, True, 1e-12), patches)
+    launch = [launch for launch in launches if "rms_norm" in launch.kernel.__name__][0]
+    tile_elements = launch.kwargs["BLOCK_CHANNELS"] * launch.kwargs["BLOCK_PIXELS"]
+    x_bytes = x.numel() * x.element_size()
+    minimum = (3 if backward else 2) * x_bytes
+    # A program re-reads only its own block of pixels over all channels (a few KB to 64 KB), within L1/L2.
+    moved = minimum
+    if backward:  # per-program partial sums of the parameter gradients, written in fp32
+        moved += 2 * batch * channels * launch.programs // batch * 4
+    shape = f"{batch}x{channels}x{side}x{side}"
+    row = report.kernel_row(f"{'bwd' if backward else 'fwd'} {shape}", launch, device, tile_elements=tile_elements,
+                            elements=x.numel(), element_size=x.element_size(), bytes_moved=moved,
+                            bytes_minimum=minimum)
+    return [row], len(launches)
+
+
+def sections(device):
+    cases = [(BATCH, channels, side) for channels, side in UNET_SHAPES] + [(1, 64, 128)]
+    for title, rows_of in (("GroupNorm + scale/shift + SiLU (kernels/group_norm.py)", _group_norm_rows),
+                           ("channel RMSNorm + scale/shift + SiLU (kernels/rms_norm.py)", _rms_norm_rows)):
+        rows, launch_counts = [], []
+        for backward in (False, True):
+            for batch, channels, side in cases:
+                case_rows, launches = rows_of(device, batch, channels, side, backward)
+                rows.extend(case_rows)
+                launch_counts.append(launches)
+        notes = [f"Triton launches per call (forward, backward) over the cases: {launch_counts}. Parameter "
+                 "reductions done in torch after the launches are not in this table (see bench/kernel_count.py)."]
+        yield report.Section(f"{title}: Unet(dim=64) shapes, bf16 activations, fp32 parameters"
+                             + (f", G={GROUPS}" if rows_of is _group_norm_rows else ""), rows, notes)

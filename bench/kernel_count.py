@@ -27,8 +27,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 TRITON_PREFIX = "triton::"
 
-# ATen ops that compute nothing on a GPU when nothing beneath them does: views, metadata, allocations and
-# conditional copies. A leaf op (one calling no other ATen op) outside this set is a kernel.
+# ATen ops that compute nothing on a GPU unless an op beneath them does: views, metadata, allocations and
+# conditional copies. Every other ATen op is a kernel.
 NON_KERNEL_OPS = frozenset("aten::" + name for name in (
     # views and metadata
     "alias", "as_strided", "chunk", "detach", "detach_", "diagonal", "expand", "expand_as", "flatten", "lift_fresh",
@@ -87,11 +87,12 @@ def _named_triton_launches():
 
 
 def _computes(event):
-    """Whether an ATen event launches a kernel: a leaf outside NON_KERNEL_OPS, or any such op beneath it."""
-    children = [c for c in event.cpu_children if c.name.startswith("aten::") or c.name.startswith(TRITON_PREFIX)]
-    if not children:
-        return event.name not in NON_KERNEL_OPS
-    return any(c.name.startswith(TRITON_PREFIX) or _computes(c) for c in children)
+    """Whether an ATen event launches a kernel: an op outside NON_KERNEL_OPS (`aten::mm` computes itself, beside
+    the metadata ops it calls), or one inside it with a computing op or a Triton launch beneath it."""
+    if event.name.startswith(TRITON_PREFIX) or event.name not in NON_KERNEL_OPS:
+        return True
+    return any(_computes(child) for child in event.cpu_children
+               if child.name.startswith("aten::") or child.name.startswith(TRITON_PREFIX))
 
 
 def _count(event, counter):

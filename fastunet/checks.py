@@ -2,22 +2,31 @@
 
 import torch
 
+# What the Triton kernels take. The reference path also takes float64 (a `model.double()`, e.g. for gradcheck).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def describe(t):
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    """'(2, 3, 8, 8) float32 on cpu' for a tensor, the type name for anything else."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{tuple(t.shape)} {dtype_name(t.dtype)} on {t.device}"
 
 
-def check_tensor(where, name, t, shape=None, ndim=None, dtypes=FLOAT_DTYPES):
+def check_tensor(where, name, t, shape=None, ndim=None, dtypes=REFERENCE_DTYPES, nonempty=False):
     """Raise TypeError/ValueError unless `t` is a tensor of one of `dtypes` with the given ndim and shape.
 
-    shape: a tuple whose None entries match any size.
+    shape: a tuple whose None entries match any size. nonempty: every dimension must have at least one element.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{where}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = ", ".join(dtype_name(d) for d in dtypes)
         raise TypeError(f"{where}: expected {name} of dtype {names}, got {describe(t)}")
     if ndim is None and shape is not None:
         ndim = len(shape)
@@ -26,6 +35,9 @@ def check_tensor(where, name, t, shape=None, ndim=None, dtypes=FLOAT_DTYPES):
     if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
         wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{where}: expected {name} of shape {wanted}, got {tuple(t.shape)}")
+    if nonempty and t.numel() == 0:
+        raise ValueError(f"{where}: expected {name} with at least one element in every dimension, got shape "
+                         f"{tuple(t.shape)}")
 
 
 def check_same_device(where, **tensors):
@@ -33,3 +45,28 @@ def check_same_device(where, **tensors):
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"{where}: expected all tensors on one device, got {listing}")
+
+
+def float64_reason(args):
+    """Why the Triton kernels cannot run these op arguments because of float64 (they take fp32/fp16/bf16), or None."""
+    names = [f"{tuple(a.shape)} float64" for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float64]
+    if names:
+        return (f"the Triton kernels take float32, float16 and bfloat16, got float64 tensors {', '.join(names)}; "
+                f"float64 runs on the reference backend")
+    return None
+
+
+def check_finite(where, name, t):
+    """Raise ValueError if a floating-point `t` holds NaN or Inf. Reads the values: a host sync on a GPU, so it is
+    skipped while torch.compile traces or a CUDA graph is captured (both forbid reading values)."""
+    if not t.is_floating_point() or torch.compiler.is_compiling():
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if t.device.type == "meta":
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = t[~finite].flatten()[:4].tolist()
+        raise ValueError(f"{where}: expected finite {name}, got {int((~finite).sum())} non-finite of {t.numel()} "
+                         f"(e.g. {bad}) in {describe(t)}")

@@ -9,7 +9,7 @@ import importlib
 
 from fastunet import reference
 from fastunet.backend import requested_backend, use_triton
-from fastunet.checks import check_same_device, check_tensor
+from fastunet.checks import check_same_device, check_tensor, float64_reason
 
 # op name -> module of fastunet.kernels that implements it with Triton (a function of the same name).
 TRITON_KERNELS = {
@@ -30,7 +30,7 @@ def _implementation(op_name, device, args):
         return getattr(reference, op_name)
     module = importlib.import_module(TRITON_KERNELS[op_name])
     unsupported_reason = getattr(module, "unsupported_reason", None)
-    why = unsupported_reason(*args) if unsupported_reason is not None else None
+    why = float64_reason(args) or (unsupported_reason(*args) if unsupported_reason is not None else None)
     if why:
         if requested_backend() == "triton":
             raise RuntimeError(f"fastunet backend 'triton' was requested for {op_name}, but {why}")
@@ -52,7 +52,7 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
     scale, shift (B, C) or None (any float dtype).
     """
     where = "group_norm_act"
-    check_tensor(where, "x", x, ndim=4)
+    check_tensor(where, "x", x, ndim=4, nonempty=True)
     channels = x.shape[1]
     if not isinstance(groups, int) or groups < 1 or channels % groups:
         raise ValueError(f"{where}: expected groups to be a positive int dividing the {channels} channels, got {groups!r}")
@@ -71,7 +71,7 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
     x (B, C, H, W) fp32/fp16/bf16, any strides; g (C,); scale, shift (B, C) or None.
     """
     where = "rms_norm_act"
-    check_tensor(where, "x", x, ndim=4)
+    check_tensor(where, "x", x, ndim=4, nonempty=True)
     check_tensor(where, "g", g, shape=(x.shape[1],))
     _check_scale_shift(where, x, scale, shift)
     check_same_device(where, x=x, g=g, scale=scale, shift=shift)
@@ -80,7 +80,7 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
 
 
 def _check_qkv(where, q, k, v, mem_k, mem_v, mem_shape):
-    check_tensor(where, "q", q, ndim=4)
+    check_tensor(where, "q", q, ndim=4, nonempty=True)
     check_tensor(where, "k", k, shape=q.shape)
     check_tensor(where, "v", v, shape=q.shape)
     for name, t in (("k", k), ("v", v)):

@@ -103,8 +103,9 @@ class Block(nn.Module):
         theirs = "rms" if prefix + "norm.g" in state_dict else "group" if prefix + "norm.weight" in state_dict else None
         if theirs is not None and theirs != self.block_norm:
             keys = {"rms": "'norm.g' (upstream 2.x)", "group": "'norm.weight'/'norm.bias' (upstream 1.9-1.11.1)"}
+            norms = {"rms": "an RMSNorm", "group": "a GroupNorm"}
             raise ValueError(
-                f"checkpoint at '{prefix}norm' holds a {theirs} block norm, keys {keys[theirs]}; this model was built "
+                f"checkpoint at '{prefix}norm' holds {norms[theirs]} block norm, keys {keys[theirs]}; this model was built "
                 f"with block_norm={self.block_norm!r}, expecting keys {keys[self.block_norm]}. "
                 f"Build the model with block_norm={theirs!r} to load it."
             )

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastunet.attention import Attention, LinearAttention
-from fastunet.checks import FLOAT_DTYPES, describe
+from fastunet.checks import check_finite, describe, dtype_name
 from fastunet.layers import (
     BLOCK_NORMS,
     Downsample,
@@ -15,6 +15,10 @@ from fastunet.layers import (
     SinusoidalPosEmb,
     Upsample,
 )
+
+
+# The nn.Module method that converts a model to the dtype of an input, named in the dtype-mix error.
+_CONVERSIONS = {torch.float16: "half()", torch.bfloat16: "bfloat16()", torch.float32: "float()", torch.float64: "double()"}
 
 
 def _per_stage(value, num_stages, name):
@@ -32,8 +36,10 @@ class Unet(nn.Module):
     - block_norm: "group" (default; GroupNorm, loads upstream 1.9-1.11.1 checkpoints) or "rms" (channel RMSNorm,
       exactly upstream 2.x; loads 2.x checkpoints).
 
-    forward(x, time, x_self_cond=None): x (B, channels, H, W) float, H and W divisible by downsample_factor;
-    time (B,) int or float; x_self_cond like x (only with self_condition). Returns (B, out_dim, H, W).
+    forward(x, time, x_self_cond=None): x (B, channels, H, W) in the model's dtype (any float dtype under
+    autocast), H and W divisible by downsample_factor; time (B,), (1,) or () of any int or float dtype, finite;
+    x_self_cond like x (only with self_condition). Returns (B, out_dim, H, W). A float64 model (model.double())
+    runs on the reference backend.
     """
 
     def __init__(
@@ -143,29 +149,65 @@ class Unet(nn.Module):
         return 2 ** (len(self.downs) - 1)
 
     def _check_inputs(self, x, time, x_self_cond):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in FLOAT_DTYPES:
-            got = describe(x) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"Unet: expected x as a 4-D fp32/fp16/bf16 tensor (batch, {self.channels}, H, W), got {got}")
+        """Raise TypeError/ValueError, naming what was expected and what came, before anything is computed.
+
+        Returns `time` ready for the time MLP: shape (B,) (a time of shape (1,) or () is broadcast over the batch, as
+        upstream's (1, C) scale/shift broadcast does) in the MLP's dtype, and at least fp32: upstream's int times
+        up to 1000 are not exact in bf16.
+        """
+        parameter = self.init_conv.weight
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise TypeError(f"Unet: expected x as a 4-D float tensor (batch, {self.channels}, H, W), got {describe(x)}")
         batch, channels, height, width = x.shape
         if channels != self.channels:
             raise ValueError(f"Unet: expected x with {self.channels} channels, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"Unet: expected a batch of at least one image of at least one pixel, got x of shape "
+                             f"{tuple(x.shape)}")
         factor = self.downsample_factor
         if height % factor or width % factor:
             raise ValueError(f"Unet: expected H and W divisible by downsample_factor={factor}, got {height}x{width}")
-        if not isinstance(time, torch.Tensor) or time.dtype in (torch.bool,) or time.is_complex():
-            got = describe(time) if isinstance(time, torch.Tensor) else type(time).__name__
-            raise TypeError(f"Unet: expected time as an int or float tensor of shape ({batch},), got {got}")
-        if time.shape != (batch,):
-            raise ValueError(f"Unet: expected time of shape ({batch},) for a batch of {batch}, got {tuple(time.shape)}")
+        if x.device != parameter.device:
+            raise ValueError(f"Unet: expected x on the model's device {parameter.device}, got {describe(x)}; "
+                             f"move one of them, e.g. x.to({str(parameter.device)!r})")
+        if x.dtype != parameter.dtype and not torch.is_autocast_enabled(x.device.type):
+            wanted, got = dtype_name(parameter.dtype), dtype_name(x.dtype)
+            convert = _CONVERSIONS.get(x.dtype, f"to(torch.{got})")
+            raise TypeError(
+                f"Unet: expected x of the model's dtype {wanted} outside autocast, got {describe(x)}; either convert "
+                f"the model with model.{convert} or keep it in {wanted} and run it under "
+                f"torch.autocast({x.device.type!r}, dtype=torch.{got})"
+            )
+        if not isinstance(time, torch.Tensor) or time.dtype == torch.bool or time.is_complex():
+            raise TypeError(f"Unet: expected time as an int or float tensor of shape ({batch},), got {describe(time)}")
+        if time.shape not in ((batch,), (1,), ()):
+            raise ValueError(f"Unet: expected time of shape ({batch},) for a batch of {batch} (or (1,) or () for one "
+                             f"time for all), got {tuple(time.shape)}")
+        if time.device != x.device:
+            raise ValueError(f"Unet: expected time on x's device {x.device}, got {describe(time)}")
+        check_finite("Unet", "time", time)
         if x_self_cond is not None:
             if not self.self_condition:
                 raise ValueError("Unet: got x_self_cond, but the model was built with self_condition=False")
             if not isinstance(x_self_cond, torch.Tensor) or x_self_cond.shape != x.shape:
-                got = describe(x_self_cond) if isinstance(x_self_cond, torch.Tensor) else type(x_self_cond).__name__
-                raise ValueError(f"Unet: expected x_self_cond of x's shape {tuple(x.shape)}, got {got}")
+                raise ValueError(f"Unet: expected x_self_cond of x's shape {tuple(x.shape)}, got {describe(x_self_cond)}")
+            if x_self_cond.dtype != x.dtype or x_self_cond.device != x.device:
+                raise TypeError(f"Unet: expected x_self_cond of x's dtype and device ({describe(x)}), got "
+                                f"{describe(x_self_cond)}")
+        mlp_dtype = torch.promote_types(self.time_mlp[1].weight.dtype, torch.float32)
+        return time.reshape(-1).expand(batch).to(mlp_dtype)
+
+    def _embed_time(self, time):
+        """(B,) time in at least fp32 -> (B, 4 * dim): the position features are computed in time's precision, then
+        cast to the MLP's dtype (a model.half() has fp16 Linears; under autocast the cast is a no-op)."""
+        position_embedding, *mlp = self.time_mlp
+        embedding = position_embedding(time).to(mlp[0].weight.dtype)
+        for layer in mlp:
+            embedding = layer(embedding)
+        return embedding
 
     def forward(self, x, time, x_self_cond=None):
-        self._check_inputs(x, time, x_self_cond)
+        time = self._check_inputs(x, time, x_self_cond)
         if self.self_condition:
             if x_self_cond is None:
                 x_self_cond = torch.zeros_like(x)
@@ -173,7 +215,7 @@ class Unet(nn.Module):
 
         x = self.init_conv(x)
         r = x  # upstream clones here; nothing modifies x in place, so the copy is not needed
-        t = self.time_mlp(time)
+        t = self._embed_time(time)
 
         skips = []
         for block1, block2, attn, downsample in self.downs:

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from fastunet.reference.precision import upcast
+
 
 def attention(q, k, v, mem_k, mem_v, sdpa=False):
     """`softmax(q [mem_k; k]^T * d^-0.5) [mem_v; v]`, non-causal, computed in fp32, returned in q.dtype.
@@ -14,9 +16,9 @@ def attention(q, k, v, mem_k, mem_v, sdpa=False):
     Returns (B, heads, N, d).
     """
     batch = q.shape[0]
-    keys = torch.cat((mem_k.float().expand(batch, -1, -1, -1), k.float()), dim=2)
-    values = torch.cat((mem_v.float().expand(batch, -1, -1, -1), v.float()), dim=2)
-    query = q.float()
+    keys = torch.cat((upcast(mem_k).expand(batch, -1, -1, -1), upcast(k)), dim=2)
+    values = torch.cat((upcast(mem_v).expand(batch, -1, -1, -1), upcast(v)), dim=2)
+    query = upcast(q)
     if sdpa:
         out = F.scaled_dot_product_attention(query, keys, values)
     else:

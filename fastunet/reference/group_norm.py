@@ -2,22 +2,24 @@
 
 import torch.nn.functional as F
 
+from fastunet.reference.precision import upcast
 from fastunet.reference.scale_shift_act import per_channel, scale_shift_act
 
 
 def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
-    """`silu?(group_norm(x) * (scale + 1) + shift)`, computed in fp32, returned in x.dtype.
+    """`silu?(group_norm(x) * (scale + 1) + shift)`, computed in fp32 (float64 for float64 x), returned in x.dtype.
 
     x: (B, C, H, W) fp32/fp16/bf16, any strides.
     weight, bias: (C,) or None (GroupNorm affine parameters, any float dtype).
     groups: number of groups G, dividing C. Statistics are over (C/G, H, W) for each (batch, group).
     scale, shift: (B, C) or None, any float dtype (the time MLP's output; fp32 under autocast is fine).
     """
+    x_up = upcast(x)
     y = F.group_norm(
-        x.float(),
+        x_up,
         groups,
-        None if weight is None else weight.float(),
-        None if bias is None else bias.float(),
+        None if weight is None else weight.to(x_up.dtype),
+        None if bias is None else bias.to(x_up.dtype),
         eps,
     )
     multiplier = None if scale is None else per_channel(scale) + 1

@@ -2,6 +2,8 @@
 
 import torch
 
+from fastunet.reference.precision import upcast
+
 
 def linear_attention(q, k, v, mem_k, mem_v):
     """Upstream's linear attention, computed in fp32, returned in q.dtype.
@@ -13,9 +15,9 @@ def linear_attention(q, k, v, mem_k, mem_v):
     Returns (B, heads, d, N).
     """
     batch, dim_head = q.shape[0], q.shape[2]
-    keys = torch.cat((mem_k.float().expand(batch, -1, -1, -1), k.float()), dim=-1)
-    values = torch.cat((mem_v.float().expand(batch, -1, -1, -1), v.float()), dim=-1)
+    keys = torch.cat((upcast(mem_k).expand(batch, -1, -1, -1), upcast(k)), dim=-1)
+    values = torch.cat((upcast(mem_v).expand(batch, -1, -1, -1), upcast(v)), dim=-1)
     # The d^-0.5 scale of q is applied to the (d x d) context instead: the same product, one pass fewer over q.
     context = torch.einsum("b h d n, b h e n -> b h d e", keys.softmax(dim=-1), values) * dim_head**-0.5
-    out = torch.einsum("b h d e, b h d n -> b h e n", context, q.float().softmax(dim=-2))
+    out = torch.einsum("b h d e, b h d n -> b h e n", context, upcast(q).softmax(dim=-2))
     return out.to(q.dtype)

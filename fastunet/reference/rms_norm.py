@@ -2,6 +2,7 @@
 
 import torch
 
+from fastunet.reference.precision import upcast
 from fastunet.reference.scale_shift_act import per_channel, scale_shift_act
 
 
@@ -13,7 +14,7 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
     g: (C,) gain, any float dtype.
     scale, shift: (B, C) or None.
     """
-    x_float = x.float()
+    x_float = upcast(x)
     inverse_norm = torch.linalg.vector_norm(x_float, dim=1, keepdim=True).clamp_min(eps).reciprocal()
     # The per-channel factors fold into one (B or 1, C, 1, 1) multiplier: two passes over x instead of five.
     multiplier = per_channel(g) * x.shape[1] ** 0.5

@@ -3,10 +3,12 @@
 import torch
 import torch.nn.functional as F
 
+from fastunet.reference.precision import upcast
+
 
 def per_channel(t):
     """(B, C) or (C,) -> fp32, broadcastable against (B, C, H, W)."""
-    return t.float()[..., None, None]
+    return upcast(t)[..., None, None]
 
 
 def scale_shift_act(y, multiplier, shift, silu):

@@ -1,7 +1,12 @@
-"""Upstream's Attention and LinearAttention with the same parameters, their cores run through fastunet.functional."""
+"""Upstream's Attention and LinearAttention with the same parameters, their cores run through fastunet.functional.
+
+Both take the to_qkv convolution's output whole (fastunet.functional.packed_attention / packed_linear_attention):
+the kernels read q, k, v through its strides and write its gradient as one tensor, so autograd splits and joins
+nothing. forward(x, residual=None): `residual`, when given, is added to the layer's output (the Unet's
+`attn(x) + x`), fused into LinearAttention's output norm where the norm op takes it.
+"""
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from fastunet import functional
@@ -24,39 +29,71 @@ class LinearAttention(nn.Module):
         self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
         self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), RMSNorm(dim))
 
-    def forward(self, x):
-        height = x.shape[-2]
+    def forward(self, x, residual=None):
+        """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given."""
         qkv = self.to_qkv(self.norm(x))
-        # (B, heads, dim_head, H*W) views of the conv output: no copies, the kernels read strides.
-        q, k, v = rearrange(qkv, "b (qkv h d) x y -> qkv b h d (x y)", qkv=3, h=self.heads)
-        mem_k, mem_v = self.mem_kv
-        out = functional.linear_attention(q, k, v, mem_k, mem_v)
-        return self.to_out(rearrange(out, "b h d (x y) -> b (h d) x y", x=height))
+        out = self.to_out(functional.packed_linear_attention(qkv, self.mem_kv, self.heads))
+        return out if residual is None else out + residual
+
+
+class Attend(nn.Module):
+    """Upstream's Attend, the attention core of Attention, with its attributes (it has no parameters).
+
+    flash: compute with torch's scaled_dot_product_attention on the reference backend (any SDPA backend, so fp32
+        works too); the Triton kernel is a flash kernel either way.
+    dropout (flash) / attn_dropout.p (otherwise), in training: dropout on the attention weights, as upstream.
+        The Triton kernels have none: the "auto" backend then runs the reference, "triton" raises.
+    scale: the softmax scale, dim_head**-0.5 when None; with flash, upstream multiplies q by scale / dim_head
+        before SDPA's own dim_head**-0.5, and so does this.
+
+    Unlike upstream's forward(q, k, v), forward takes the to_qkv output (B, 3*heads*dim_head, H, W), the memory
+    key/values (2, heads, M, dim_head) and the number of heads, and returns (B, heads*dim_head, H, W).
+    """
+
+    def __init__(self, dropout=0.0, flash=False, scale=None):
+        super().__init__()
+        self.dropout = dropout
+        self.scale = scale
+        self.attn_dropout = nn.Dropout(dropout)
+        self.flash = flash
+
+    def forward(self, qkv, mem_kv, heads):
+        dim_head = qkv.shape[1] // (3 * heads)
+        if self.flash:
+            dropout = self.dropout if self.training else 0.0
+            scale = None if self.scale is None else self.scale / dim_head * dim_head**-0.5
+        else:
+            dropout = self.attn_dropout.p if self.attn_dropout.training else 0.0
+            scale = self.scale
+        return functional.packed_attention(qkv, mem_kv, heads, sdpa=self.flash, dropout=dropout, scale=scale)
 
 
 class Attention(nn.Module):
     """Pre-norm full attention over learned memory key/values then the H*W positions: (B, dim, H, W) -> same.
 
-    mem_kv: (2, heads, num_mem_kv, dim_head). flash: on the reference backend, compute with torch's
-    scaled_dot_product_attention (any backend, so fp32 works, unlike upstream); the Triton kernel is a flash
-    kernel either way.
+    mem_kv: (2, heads, num_mem_kv, dim_head). flash: sets `attend.flash` (see Attend).
     """
 
     def __init__(self, dim, heads=4, dim_head=32, num_mem_kv=4, flash=False):
         super().__init__()
         self.heads = heads
-        self.flash = flash
         hidden_dim = dim_head * heads
         self.norm = RMSNorm(dim)
+        self.attend = Attend(flash=flash)
         self.mem_kv = nn.Parameter(torch.randn(2, heads, num_mem_kv, dim_head))
         self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden_dim, dim, 1)
 
-    def forward(self, x):
-        height = x.shape[-2]
-        qkv = self.to_qkv(self.norm(x))
-        # (B, heads, H*W, dim_head) views of the conv output: no copies, the kernels read strides.
-        q, k, v = rearrange(qkv, "b (qkv h d) x y -> qkv b h (x y) d", qkv=3, h=self.heads)
-        mem_k, mem_v = self.mem_kv
-        out = functional.attention(q, k, v, mem_k, mem_v, sdpa=self.flash)
-        return self.to_out(rearrange(out, "b h (x y) d -> b (h d) x y", x=height))
+    @property
+    def flash(self):
+        """Whether the reference backend computes with SDPA: `attend.flash`, as upstream keeps it."""
+        return self.attend.flash
+
+    @flash.setter
+    def flash(self, value):
+        self.attend.flash = value
+
+    def forward(self, x, residual=None):
+        """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given."""
+        out = self.to_out(self.attend(self.to_qkv(self.norm(x)), self.mem_kv, self.heads))
+        return out if residual is None else out + residual

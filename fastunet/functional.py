@@ -16,6 +16,8 @@ TRITON_KERNELS = {
     "attention": "fastunet.kernels.attention",
     "group_norm_act": "fastunet.kernels.group_norm",
     "linear_attention": "fastunet.kernels.linear_attention",
+    "packed_attention": "fastunet.kernels.attention",
+    "packed_linear_attention": "fastunet.kernels.linear_attention",
     "rms_norm_act": "fastunet.kernels.rms_norm",
 }
 
@@ -107,6 +109,38 @@ def attention(q, k, v, mem_k, mem_v, sdpa=False):
     return implementation(*args)
 
 
+def _check_packed_qkv(where, qkv, mem_kv, heads, mem_layout):
+    """Checks of the packed ops' inputs; returns the head dim. mem_layout: "md" for (2, heads, M, d), "dm" for
+    (2, heads, d, M)."""
+    check_tensor(where, "qkv", qkv, ndim=4, nonempty=True)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise ValueError(f"{where}: expected heads to be a positive int, got {heads!r}")
+    channels = qkv.shape[1]
+    if channels % (3 * heads):
+        raise ValueError(f"{where}: expected qkv with 3 * heads * dim_head channels (heads={heads}), got {channels}")
+    d = channels // (3 * heads)
+    check_tensor(where, "mem_kv", mem_kv, shape=(2, heads, None, d) if mem_layout == "md" else (2, heads, d, None))
+    check_same_device(where, qkv=qkv, mem_kv=mem_kv)
+    return d
+
+
+def packed_attention(qkv, mem_kv, heads, sdpa=False, dropout=0.0, scale=None):
+    """`attention` on the to_qkv output itself: one gradient tensor for qkv, one for mem_kv (no joins).
+
+    qkv (B, 3*heads*d, H, W), any strides: q, k, v its channel chunks, each (heads, d) major to minor (upstream's
+    rearrange); mem_kv (2, heads, M, d), M >= 0, any float dtype. sdpa: on the reference backend, use torch's
+    scaled_dot_product_attention. dropout in [0, 1): on the attention weights (upstream's Attend in training);
+    the Triton kernels have none, so "auto" runs the reference for dropout > 0 and "triton" raises. scale: the
+    softmax scale, d^-0.5 when None. Returns (B, heads*d, H, W) in qkv.dtype.
+    """
+    where = "packed_attention"
+    _check_packed_qkv(where, qkv, mem_kv, heads, "md")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{where}: expected dropout in [0, 1), got {dropout!r}")
+    args = (qkv, mem_kv, heads, sdpa, dropout, scale)
+    return _implementation(where, qkv.device, args)(*args)
+
+
 def linear_attention(q, k, v, mem_k, mem_v):
     """Upstream's linear attention with memory key/values, returned in q.dtype.
 
@@ -117,3 +151,15 @@ def linear_attention(q, k, v, mem_k, mem_v):
     _check_qkv(where, q, k, v, mem_k, mem_v, (q.shape[1], q.shape[2], None))
     args = (q, k, v, mem_k, mem_v)
     return _implementation(where, q.device, args)(*args)
+
+
+def packed_linear_attention(qkv, mem_kv, heads):
+    """`linear_attention` on the to_qkv output itself: one gradient tensor for qkv, one for mem_kv (no joins).
+
+    qkv (B, 3*heads*d, H, W), any strides: q, k, v its channel chunks, each (heads, d) major to minor (upstream's
+    rearrange); mem_kv (2, heads, d, M), M >= 0, any float dtype. Returns (B, heads*d, H, W) in qkv.dtype.
+    """
+    where = "packed_linear_attention"
+    _check_packed_qkv(where, qkv, mem_kv, heads, "dm")
+    args = (qkv, mem_kv, heads)
+    return _implementation(where, qkv.device, args)(*args)

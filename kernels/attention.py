@@ -9,13 +9,14 @@ positions in blocks of BLOCK_N, whose full blocks run unmasked and whose last pa
 BLOCK_N) runs masked. The concatenation [mem; k] is never materialized. It saves the base-2 logsumexp of each
 query row (fp32) for the backward.
 
-Backward (FlashAttention-2, deterministic, no atomics):
-1. delta = rowsum(dO * O) (fp32), one program per block of queries;
-2. dk/dv of the image keys: one program per block of BLOCK_N keys, looping over all query blocks;
-3. d mem_k, d mem_v: one program per (block of 16 memory slots, batch*head), looping over all query blocks; each
-   writes its batch element's share as an fp32 partial (B, heads, M, d), and the partials are summed over the
-   batch afterwards in torch (a fixed-order reduction);
-4. dq: one program per block of queries, looping over memory slots then image keys, as the forward does.
+Backward (FlashAttention-2, deterministic, no atomics), two launches and no other kernel (no zero-fill, sum or cast):
+1. dq: one program per block of queries, looping over memory slots then image keys as the forward does; it also
+   computes delta = rowsum(dO * O) (fp32) of its rows, FlashAttention's preprocess pass, and stores it, and from
+   the p and dS of the memory slots it already has, writes its query block's share of d mem_k and d mem_v as an
+   fp32 partial (B * heads * query blocks, 2, M, d), each element written by exactly one program;
+2. dk/dv of the image keys: one program per block of BLOCK_N keys, looping over all query blocks; the same launch
+   begins with 2 * heads * cdiv(M, 16) programs that sum the partials over the batch and query blocks in a fixed
+   order and store d mem_k, d mem_v in the memory slots' own dtype.
 
 Precision: dots take q's dtype (memory slots are cast to it on load) and accumulate in fp32; softmax statistics,
 logsumexp, delta and all accumulators are fp32. fp16/bf16 dots run on tensor cores (every dot passes
@@ -29,7 +30,9 @@ head dims >= 64. Under the Triton interpreter every dot operand is upcast to fp3
 16-bit tensor-core dots.
 
 Layouts: q, k, v, grad_out may have any strides. In the Unet they are views of the to_qkv 1x1-conv output
-(B, 3*heads*d, H, W), i.e. the positions are contiguous (stride 1 along N); tiles are indexed with both strides,
+(B, 3*heads*d, H, W), i.e. the positions are contiguous (stride 1 along N); `packed_attention` takes that output
+itself and returns d qkv as one tensor of its shape (the kernels write dq, dk, dv into its three channel chunks,
+so autograd joins nothing), and mem_kv (2, heads, M, d) whole with one gradient. Tiles are indexed with both strides,
 and Triton specializes a stride equal to 1 at compile time, so loads coalesce along N there (and along d for
 contiguous or channels_last inputs). The output, dq, dk and dv are allocated with the memory of a contiguous
 (B, heads, d, N) tensor, i.e. (B, heads*d, H, W) NCHW, exactly what to_out reads: the returned (B, heads, N, d)
@@ -72,13 +75,12 @@ def _operand(x, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _program_block(n_items, BLOCK: tl.constexpr):
-    """(block, batch * heads + head) of this program. The grid has one axis of cdiv(n_items, BLOCK) * batch * heads
+def _program_block(pid, n_items, BLOCK: tl.constexpr):
+    """(block, batch * heads + head) of program `pid` of a one-axis grid of cdiv(n_items, BLOCK) * batch * heads
     programs (at most 2**31 - 1, MAX_PROGRAMS), the blocks of one (batch, head) consecutive: programs that run
     together share that head's keys/values in L2, as with blocks on the first axis of a 2-D grid, but without the
     65535 limit of the second axis on batch * heads."""
     n_blocks = tl.cdiv(n_items, BLOCK)
-    pid = tl.program_id(0)
     return pid % n_blocks, pid // n_blocks
 
 
@@ -142,7 +144,7 @@ def _attention_forward_kernel(
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_m, pid_bh = _program_block(N_CTX, BLOCK_M)
+    pid_m, pid_bh = _program_block(tl.program_id(0), N_CTX, BLOCK_M)
     # int64 base offsets: B * 3*heads*d * N passes 2**31 elements for large batches at high resolution.
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
@@ -185,31 +187,6 @@ def _attention_forward_kernel(
 
 
 @triton.jit
-def _attention_backward_delta_kernel(
-    OUT, GRAD_OUT,  # (B, heads, N, HEAD_DIM) forward output and its gradient, any strides
-    DELTA,  # (B, heads, N) fp32, contiguous: rowsum(GRAD_OUT * OUT)
-    stride_ob, stride_oh, stride_on, stride_od,  # strides of OUT
-    stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
-    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
-    N_CTX,  # N
-    HEAD_DIM: tl.constexpr,  # d
-    BLOCK_M: tl.constexpr,  # rows per program
-):
-    pid_m, pid_bh = _program_block(N_CTX, BLOCK_M)
-    off_b = (pid_bh // HEADS).to(tl.int64)
-    off_h = (pid_bh % HEADS).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_valid = offs_m < N_CTX
-    out = tl.load(OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on
-                  + offs_d[None, :] * stride_od, mask=row_valid[:, None], other=0.0)
-    grad = tl.load(GRAD_OUT + off_b * stride_gb + off_h * stride_gh + offs_m[:, None] * stride_gn
-                   + offs_d[None, :] * stride_gd, mask=row_valid[:, None], other=0.0)
-    delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N_CTX + offs_m, delta, mask=row_valid)
-
-
-@triton.jit
 def _dkdv_step(
     dk, dv, k, v,  # fp32 accumulators (BLOCK_N, HEAD_DIM); this program's key and value tiles (dot operands)
     Q, GRAD_OUT, LSE, DELTA,  # this (batch, head)'s base pointers
@@ -249,28 +226,21 @@ def _dkdv_step(
 
 
 @triton.jit
-def _attention_backward_dkdv_kernel(
-    Q, K, V,  # (B, heads, N, HEAD_DIM) forward inputs, one dtype, any strides
-    GRAD_OUT,  # (B, heads, N, HEAD_DIM) gradient of the output, Q's dtype, any strides
-    LSE, DELTA,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp; rowsum(GRAD_OUT * OUT)
-    DK, DV,  # (B, heads, N, HEAD_DIM) gradients of K and V, Q's dtype
-    stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
-    stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
-    stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
-    stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # strides of DK
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # strides of DV
-    HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
-    N_CTX,  # N
-    qk_scale,  # softmax scale (d^-0.5) * log2(e)
-    sm_scale,  # softmax scale, d^-0.5
-    HEAD_DIM: tl.constexpr,  # d, one of HEAD_DIMS
-    BLOCK_M: tl.constexpr,  # queries per inner step
-    BLOCK_N: tl.constexpr,  # image keys per program
-    DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
+def _dkdv_program(
+    pid,  # this program's index among the dk/dv programs
+    Q, K, V, GRAD_OUT, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    HEADS, N_CTX, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_n, pid_bh = _program_block(N_CTX, BLOCK_N)
+    """dk, dv of BLOCK_N image keys of one (batch, head), looping over all its queries."""
+    pid_n, pid_bh = _program_block(pid, N_CTX, BLOCK_N)
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -307,101 +277,80 @@ def _attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _memory_step(
-    dmem_k, dmem_v, kT, vT,  # fp32 accumulators (BLOCK_MEM, HEAD_DIM); memory keys, values (HEAD_DIM, BLOCK_MEM)
-    Q, GRAD_OUT, LSE, DELTA,  # this (batch, head)'s base pointers
-    stride_qn, stride_qd, stride_gn, stride_gd,  # strides of Q and GRAD_OUT along positions and head dim
-    start_m, N_CTX, qk_scale,  # first query of this step; N; d^-0.5 * log2(e)
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK_QUERIES: tl.constexpr,  # whether this block of queries may run past N
-    DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+def _memory_reduce_program(
+    pid,  # this program's index among the reduction programs: (head, memory block, k or v), v fastest
+    DMEM_PARTIAL,  # (B * heads * n_query_blocks, 2, M, HEAD_DIM) fp32, contiguous: see the dq kernel
+    DMEM_K, DMEM_V,  # (heads, M, HEAD_DIM) gradients of the memory slots, in their own dtype
+    stride_dmh, stride_dmm, stride_dmd,  # strides of DMEM_K and DMEM_V (the same)
+    BATCH, HEADS, M_MEM, N_QUERY_BLOCKS, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_MEM: tl.constexpr,
 ):
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    """Sum of the per-query-block partial gradients of BLOCK_MEM memory slots over the batch and the query blocks,
+    in a fixed order (deterministic, no atomics), stored in the slots' dtype: the torch sum and cast it replaces
+    were two more kernels."""
+    is_value = pid % 2
+    slot_block = (pid // 2) % tl.cdiv(M_MEM, BLOCK_MEM)
+    head = pid // 2 // tl.cdiv(M_MEM, BLOCK_MEM)
+    offs_s = slot_block * BLOCK_MEM + tl.arange(0, BLOCK_MEM)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    g_ptrs = GRAD_OUT + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
-    if MASK_QUERIES:
-        valid = offs_m < N_CTX
-        q = tl.load(q_ptrs, mask=valid[:, None], other=0.0)
-        g = tl.load(g_ptrs, mask=valid[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=valid, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=valid, other=0.0)
+    slot_valid = offs_s < M_MEM
+    tile = is_value * M_MEM * HEAD_DIM + offs_s[:, None] * HEAD_DIM + offs_d[None, :]
+    acc = tl.zeros([BLOCK_MEM, HEAD_DIM], dtype=tl.float32)
+    part_stride = 2 * M_MEM * HEAD_DIM
+    for b in range(0, BATCH):
+        base = DMEM_PARTIAL + ((b * HEADS + head) * N_QUERY_BLOCKS).to(tl.int64) * part_stride
+        for query_block in range(0, N_QUERY_BLOCKS):
+            acc += tl.load(base + query_block * part_stride + tile, mask=slot_valid[:, None], other=0.0)
+    out = head.to(tl.int64) * stride_dmh + offs_s[:, None] * stride_dmm + offs_d[None, :] * stride_dmd
+    if is_value == 1:
+        tl.store(DMEM_V + out, acc.to(DMEM_V.dtype.element_ty), mask=slot_valid[:, None])
     else:
-        q = tl.load(q_ptrs)
-        g = tl.load(g_ptrs)
-        lse = tl.load(LSE + offs_m)
-        delta = tl.load(DELTA + offs_m)
-    q = _operand(q, DTYPE, DOT_FP32)
-    g = _operand(g, DTYPE, DOT_FP32)
-    p = tl.math.exp2(tl.dot(q, kT, input_precision="tf32") * qk_scale - lse[:, None])
-    if MASK_QUERIES:
-        p = tl.where(valid[:, None], p, 0.0)
-    ds = p * (tl.dot(g, vT, input_precision="tf32") - delta[:, None])
-    dmem_v = tl.dot(tl.trans(_operand(p, DTYPE, DOT_FP32)), g, dmem_v, input_precision="tf32")
-    dmem_k = tl.dot(tl.trans(_operand(ds, DTYPE, DOT_FP32)), q, dmem_k, input_precision="tf32")
-    return dmem_k, dmem_v
+        tl.store(DMEM_K + out, (acc * sm_scale).to(DMEM_K.dtype.element_ty), mask=slot_valid[:, None])
 
 
 @triton.jit
-def _attention_backward_memory_kernel(
-    Q,  # (B, heads, N, HEAD_DIM) forward queries, any strides
-    MEM_K, MEM_V,  # (heads, M, HEAD_DIM) memory slots, any float dtype (cast to Q's on load)
+def _attention_backward_dkdv_kernel(
+    Q, K, V,  # (B, heads, N, HEAD_DIM) forward inputs, one dtype, any strides
     GRAD_OUT,  # (B, heads, N, HEAD_DIM) gradient of the output, Q's dtype, any strides
-    LSE, DELTA,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp; rowsum(GRAD_OUT * OUT)
-    DMEM_K, DMEM_V,  # (B, heads, M, HEAD_DIM) fp32, contiguous: per-batch partial gradients of the memory slots
+    LSE, DELTA,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp; rowsum(GRAD_OUT * OUT) (dq kernel)
+    DK, DV,  # (B, heads, N, HEAD_DIM) gradients of K and V, Q's dtype
+    DMEM_PARTIAL,  # (B * heads * N_QUERY_BLOCKS, 2, M, HEAD_DIM) fp32: memory-slot partials of the dq kernel
+    DMEM_K, DMEM_V,  # (heads, M, HEAD_DIM) gradients of the memory slots, in the slots' dtype
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
-    stride_mkh, stride_mkm, stride_mkd,  # strides of MEM_K
-    stride_mvh, stride_mvm, stride_mvd,  # strides of MEM_V
+    stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # strides of DK
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,  # strides of DV
+    stride_dmh, stride_dmm, stride_dmd,  # strides of DMEM_K and DMEM_V
+    BATCH,  # B
     HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
     N_CTX,  # N
-    M_MEM,  # M (> 0: the kernel is not launched without memory slots)
+    M_MEM,  # M (may be 0: no reduction programs)
+    N_QUERY_BLOCKS,  # query blocks of the dq kernel per (batch, head)
+    N_REDUCE,  # reduction programs: 2 * heads * cdiv(M, BLOCK_MEM), the first ones of the grid
     qk_scale,  # softmax scale (d^-0.5) * log2(e)
     sm_scale,  # softmax scale, d^-0.5
     HEAD_DIM: tl.constexpr,  # d, one of HEAD_DIMS
     BLOCK_M: tl.constexpr,  # queries per inner step
-    BLOCK_MEM: tl.constexpr,  # memory slots per program
+    BLOCK_N: tl.constexpr,  # image keys per program
+    BLOCK_MEM: tl.constexpr,  # memory slots per reduction program
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
-    """Gradients of BLOCK_MEM memory slots from the N queries of one batch element.
-
-    Every batch element attends to the same memory slots; this program owns batch off_b's share and writes it
-    alone, so the sum over the batch (in torch, afterwards) needs no atomics. Unlike the image-key programs, the
-    slots are the right operand of the score dots: a 16-row left operand would be replicated in every warp."""
+    """The last backward launch: the N_REDUCE memory-slot reductions first (each loops over B * N_QUERY_BLOCKS
+    partials, the longest programs, so they start in the first wave), then one dk/dv program per BLOCK_N keys of
+    each (batch, head). One launch instead of three (dk/dv, a torch sum, a cast)."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_n, pid_bh = _program_block(M_MEM, BLOCK_MEM)
-    off_b = (pid_bh // HEADS).to(tl.int64)
-    off_h = (pid_bh % HEADS).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    GRAD_OUT += off_b * stride_gb + off_h * stride_gh
-    MEM_K += off_h * stride_mkh
-    MEM_V += off_h * stride_mvh
-    LSE += pid_bh.to(tl.int64) * N_CTX
-    DELTA += pid_bh.to(tl.int64) * N_CTX
-
-    offs_n = pid_n * BLOCK_MEM + tl.arange(0, BLOCK_MEM)
-    offs_d = tl.arange(0, HEAD_DIM)
-    slot_valid = offs_n < M_MEM
-    # Slots past M load as zeros: their gradients are computed from finite values and never stored.
-    kT = tl.load(MEM_K + offs_d[:, None] * stride_mkd + offs_n[None, :] * stride_mkm, mask=slot_valid[None, :],
-                 other=0.0)
-    vT = tl.load(MEM_V + offs_d[:, None] * stride_mvd + offs_n[None, :] * stride_mvm, mask=slot_valid[None, :],
-                 other=0.0)
-    kT = _operand(kT, DTYPE, DOT_FP32)
-    vT = _operand(vT, DTYPE, DOT_FP32)
-    dmem_k = tl.zeros([BLOCK_MEM, HEAD_DIM], dtype=tl.float32)
-    dmem_v = tl.zeros([BLOCK_MEM, HEAD_DIM], dtype=tl.float32)
-    m_full = (N_CTX // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        dmem_k, dmem_v = _memory_step(dmem_k, dmem_v, kT, vT, Q, GRAD_OUT, LSE, DELTA, stride_qn, stride_qd, stride_gn,
-                                      stride_gd, start_m, N_CTX, qk_scale, HEAD_DIM, BLOCK_M, False, DTYPE, DOT_FP32)
-    if m_full < N_CTX:
-        dmem_k, dmem_v = _memory_step(dmem_k, dmem_v, kT, vT, Q, GRAD_OUT, LSE, DELTA, stride_qn, stride_qd, stride_gn,
-                                      stride_gd, m_full, N_CTX, qk_scale, HEAD_DIM, BLOCK_M, True, DTYPE, DOT_FP32)
-    dmem_k = dmem_k * sm_scale
-    partial = offs_n[:, None] * HEAD_DIM + offs_d[None, :] + pid_bh.to(tl.int64) * M_MEM * HEAD_DIM
-    tl.store(DMEM_K + partial, dmem_k, mask=slot_valid[:, None])
-    tl.store(DMEM_V + partial, dmem_v, mask=slot_valid[:, None])
+    pid = tl.program_id(0)
+    if pid < N_REDUCE:
+        _memory_reduce_program(pid, DMEM_PARTIAL, DMEM_K, DMEM_V, stride_dmh, stride_dmm, stride_dmd, BATCH, HEADS,
+                               M_MEM, N_QUERY_BLOCKS, sm_scale, HEAD_DIM, BLOCK_MEM)
+    else:
+        _dkdv_program(pid - N_REDUCE, Q, K, V, GRAD_OUT, LSE, DELTA, DK, DV,
+                      stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd, stride_gb, stride_gh, stride_gn, stride_gd,
+                      stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                      HEADS, N_CTX, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, DTYPE, DOT_FP32)
 
 
 @triton.jit
@@ -414,6 +363,7 @@ def _dq_block(
     MASK_KEYS: tl.constexpr,  # whether this block may run past n_keys
     DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
+    """dq += dS K for one block of keys; also returns p and dS (BLOCK_M, BLOCK_N), which the memory slots use."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
@@ -433,21 +383,26 @@ def _dq_block(
     dp = tl.dot(g, vT, input_precision="tf32")
     ds = p * (dp - delta[:, None])
     dq = tl.dot(_operand(ds, DTYPE, DOT_FP32), tl.trans(kT), dq, input_precision="tf32")
-    return dq
+    return dq, p, ds
 
 
 @triton.jit
 def _attention_backward_dq_kernel(
     Q, K, V,  # (B, heads, N, HEAD_DIM) forward inputs, one dtype, any strides
     MEM_K, MEM_V,  # (heads, M, HEAD_DIM) memory slots, any float dtype (cast to Q's on load)
+    OUT,  # (B, heads, N, HEAD_DIM) forward output, Q's dtype, any strides
     GRAD_OUT,  # (B, heads, N, HEAD_DIM) gradient of the output, Q's dtype, any strides
-    LSE, DELTA,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp; rowsum(GRAD_OUT * OUT)
-    DQ,  # (B, heads, N, HEAD_DIM) gradient of Q, Q's dtype
+    LSE,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp
+    DELTA,  # out: (B, heads, N) fp32, contiguous: rowsum(GRAD_OUT * OUT), for the dk/dv kernel
+    DQ,  # out: (B, heads, N, HEAD_DIM) gradient of Q, Q's dtype
+    DMEM_PARTIAL,  # out: (B * heads * cdiv(N, BLOCK_M), 2, M, HEAD_DIM) fp32 contiguous: this query block's share
+                   # of d mem_k / d^-0.5 ([.., 0, ..]) and d mem_v ([.., 1, ..])
     stride_qb, stride_qh, stride_qn, stride_qd,  # strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # strides of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
     stride_mkh, stride_mkm, stride_mkd,  # strides of MEM_K
     stride_mvh, stride_mvm, stride_mvd,  # strides of MEM_V
+    stride_ob, stride_oh, stride_on, stride_od,  # strides of OUT
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # strides of DQ
     HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
@@ -461,13 +416,17 @@ def _attention_backward_dq_kernel(
     BLOCK_MEM: tl.constexpr,  # memory slots per inner step
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
+    """The first backward launch: per block of queries, delta = rowsum(dO * O) (FlashAttention's preprocess, here
+    with no launch of its own: this program holds the rows), dq over the memory slots then the image keys, and
+    this block's partial gradients of the memory slots (p^T dO and dS^T q, from the p and dS dq needs anyway)."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
-    pid_m, pid_bh = _program_block(N_CTX, BLOCK_M)
+    pid_m, pid_bh = _program_block(tl.program_id(0), N_CTX, BLOCK_M)
     off_b = (pid_bh // HEADS).to(tl.int64)
     off_h = (pid_bh % HEADS).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
+    OUT += off_b * stride_ob + off_h * stride_oh
     GRAD_OUT += off_b * stride_gb + off_h * stride_gh
     DQ += off_b * stride_dqb + off_h * stride_dqh
     MEM_K += off_h * stride_mkh
@@ -478,26 +437,40 @@ def _attention_backward_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < N_CTX
-    # Rows past N load as zeros: their results are finite and never stored.
+    # Rows past N load as zeros: their results are finite and never stored, and (g = 0, lse = 0, delta = 0) their
+    # p^T g and dS^T q are zero, so they add nothing to the memory-slot partials.
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)
     g = tl.load(GRAD_OUT + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=row_valid[:, None],
                 other=0.0)
+    out = tl.load(OUT + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=row_valid[:, None],
+                  other=0.0)
+    delta = tl.sum(out.to(tl.float32) * g.to(tl.float32), axis=1)
+    tl.store(DELTA + offs_m, delta, mask=row_valid)
     q = _operand(q, DTYPE, DOT_FP32)
     g = _operand(g, DTYPE, DOT_FP32)
     lse = tl.load(LSE + offs_m, mask=row_valid, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=row_valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # int64: B * heads * cdiv(N, BLOCK_M) * 2 * M * d passes 2**31 for large batches at high resolution.
+    partial = DMEM_PARTIAL + tl.program_id(0).to(tl.int64) * 2 * M_MEM * HEAD_DIM
     for start in range(0, M_MEM, BLOCK_MEM):
-        dq = _dq_block(dq, q, g, lse, delta, MEM_K, MEM_V, stride_mkm, stride_mkd, stride_mvm, stride_mvd, start,
-                       M_MEM, qk_scale, HEAD_DIM, BLOCK_MEM, True, DTYPE, DOT_FP32)
+        dq, p, ds = _dq_block(dq, q, g, lse, delta, MEM_K, MEM_V, stride_mkm, stride_mkd, stride_mvm, stride_mvd,
+                              start, M_MEM, qk_scale, HEAD_DIM, BLOCK_MEM, True, DTYPE, DOT_FP32)
+        # (BLOCK_MEM, HEAD_DIM) shares of this query block; slots past M are zero and not stored.
+        dmem_v = tl.dot(tl.trans(_operand(p, DTYPE, DOT_FP32)), g, input_precision="tf32")
+        dmem_k = tl.dot(tl.trans(_operand(ds, DTYPE, DOT_FP32)), q, input_precision="tf32")
+        offs_s = start + tl.arange(0, BLOCK_MEM)
+        tile = offs_s[:, None] * HEAD_DIM + offs_d[None, :]
+        slot_valid = offs_s[:, None] < M_MEM
+        tl.store(partial + tile, dmem_k, mask=slot_valid)
+        tl.store(partial + M_MEM * HEAD_DIM + tile, dmem_v, mask=slot_valid)
     n_full = (N_CTX // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
-        dq = _dq_block(dq, q, g, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, N_CTX, qk_scale,
-                       HEAD_DIM, BLOCK_N, False, DTYPE, DOT_FP32)
+        dq, p, ds = _dq_block(dq, q, g, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, N_CTX,
+                              qk_scale, HEAD_DIM, BLOCK_N, False, DTYPE, DOT_FP32)
     if n_full < N_CTX:
-        dq = _dq_block(dq, q, g, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_full, N_CTX,
-                       qk_scale, HEAD_DIM, BLOCK_N, True, DTYPE, DOT_FP32)
+        dq, p, ds = _dq_block(dq, q, g, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_full, N_CTX,
+                              qk_scale, HEAD_DIM, BLOCK_N, True, DTYPE, DOT_FP32)
     dq = dq * sm_scale
     tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
              mask=row_valid[:, None])
@@ -515,7 +488,7 @@ def _attention_backward_dq_kernel(
 # shapes (H*W a multiple of 16 from 4x4 up, see _divisibility), which vectorizes the loads, pipelines them through
 # cp.async and needs far fewer registers. "16": fp16/bf16 dots; "tf32": fp32 inputs (TF32 dots, see the module doc).
 # Values: (BLOCK_M, BLOCK_N, num_warps, num_stages); for "dkdv" BLOCK_M is the query step and BLOCK_N the keys of
-# one program; for "memory" BLOCK_M is the query step and BLOCK_N the memory slots of one program (BLOCK_MEM).
+# one program (whose launch also runs the memory-slot reductions, see _attention_backward_dkdv_kernel).
 # _table_arch picks the table: sm_90's (wgmma, 228 KiB of shared memory) on Hopper and datacenter Blackwell,
 # sm_80's (mma.sync) elsewhere.
 # - d <= 32, 16-bit (the Unet's attention, the performance target): FlashAttention-2 shapes with 16 query (or key)
@@ -549,10 +522,6 @@ _SM80_CONFIGS = {
         "16": {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 2), 128: (16, 16, 8, 1)},
         "tf32": {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (128, 16, 8, 1), 128: (16, 16, 8, 1)},
     },
-    "memory": {
-        "16": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (32, 16, 8, 2), 128: (32, 16, 8, 1)},
-        "tf32": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (32, 16, 8, 1), 128: (32, 16, 8, 1)},
-    },
 }
 _SM90_CONFIGS = {
     "forward": {
@@ -567,17 +536,11 @@ _SM90_CONFIGS = {
         "16": {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 2), 128: (128, 16, 8, 2)},
         "tf32": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (128, 16, 8, 1), 128: (128, 16, 8, 1)},
     },
-    "memory": {
-        "16": {16: (128, 16, 8, 2), 32: (128, 16, 8, 2), 64: (32, 16, 8, 2), 128: (32, 16, 8, 1)},
-        "tf32": {16: (64, 16, 8, 2), 32: (64, 16, 8, 2), 64: (32, 16, 8, 1), 128: (32, 16, 8, 1)},
-    },
 }
 _GPU_CONFIGS = {80: _SM80_CONFIGS, 90: _SM90_CONFIGS}
 # (kernel, dot precision, head dim, aligned) whose sm_80 build spills registers, with triton 3.6 and 3.8 (see
 # above): fp32 at d=128 with N not a multiple of 16. The tests exempt exactly these, and fail if one stops spilling.
 SM80_SPILLS_ALLOWED = {("forward", "tf32", 128, False), ("dkdv", "tf32", 128, False), ("dq", "tf32", 128, False)}
-# The delta preprocess is a bandwidth-bound row reduction: 4096 elements of each operand per program.
-_DELTA_ELEMENTS = 4096
 # The interpreter runs one configuration; its cost is per program and per operation, so tiles are large. 32x32
 # still takes several query blocks and a masked last key block at the test shapes (N = 35, 64, 100).
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
@@ -599,14 +562,9 @@ def _config(kernel, dtype, head_dim, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` for inputs of `dtype` and head dim `head_dim` on
     `device`."""
     if INTERPRETING:
-        block_m, block_n, num_warps, num_stages = _INTERPRETER_CONFIG
-        return block_m, BLOCK_MEM if kernel == "memory" else block_n, num_warps, num_stages
+        return _INTERPRETER_CONFIG
     major, minor = torch.cuda.get_device_capability(device)
     return _GPU_CONFIGS[_table_arch(10 * major + minor)][kernel][_dot_precision(dtype)][head_dim]
-
-
-def _delta_block(head_dim):
-    return 32 if INTERPRETING else _DELTA_ELEMENTS // head_dim
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -621,28 +579,29 @@ def _empty_like_output(q, dtype=None):
                                device=q.device)
 
 
-def _mem_or_standin(mem, like):
-    # With no memory slots nothing is read from them; an empty tensor may have no valid data pointer, so the
-    # kernels get a (heads, N, d) slice of a non-empty one (never dereferenced since M = 0).
+def _standin(mem, like):
+    # With no memory slots nothing is read from or written to them; an empty tensor may have no valid data
+    # pointer, so the kernels get a (heads, N, d) slice of a non-empty one (never dereferenced since M = 0).
     return mem if mem.shape[1] > 0 else like[0]
 
 
-def _grid(n_items, block, batch_heads):
-    """The one-axis grid of a kernel with cdiv(n_items, block) programs per (batch, head) (see _program_block)."""
-    programs = triton.cdiv(n_items, block) * batch_heads
+def _grid(n_items, block, batch_heads, extra=0):
+    """The one-axis grid of a kernel with cdiv(n_items, block) programs per (batch, head) (see _program_block),
+    after `extra` programs of another kind."""
+    programs = triton.cdiv(n_items, block) * batch_heads + extra
     if programs > MAX_PROGRAMS:
         raise ValueError(f"attention: {programs} programs exceed the {MAX_PROGRAMS} of a CUDA grid axis")
     return (programs,)
 
 
-def _forward(q, k, v, mem_k, mem_v, scale):
+def _forward(q, k, v, mem_k, mem_v, scale, out):
+    """Writes the attention into `out` (B, heads, N, d), any strides; returns lse (B, heads, N) fp32."""
     batch, heads, n, d = q.shape
-    out = _empty_like_output(q)
     lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return lse
     m = mem_k.shape[1]
-    mem_k, mem_v = _mem_or_standin(mem_k, k), _mem_or_standin(mem_v, v)
+    mem_k, mem_v = _standin(mem_k, k), _standin(mem_v, v)
     block_m, block_n, num_warps, num_stages = _config("forward", q.dtype, d, q.device)
     _attention_forward_kernel[_grid(n, block_m, batch * heads)](
         q, k, v, mem_k, mem_v, out, lse,
@@ -651,54 +610,57 @@ def _forward(q, k, v, mem_k, mem_v, scale):
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out, lse
+    return lse
 
 
-def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
+def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale, dq, dk, dv, dmem_k, dmem_v):
+    """Writes the gradients into dq, dk, dv (B, heads, N, d) and dmem_k, dmem_v (heads, M, d) (any strides, the
+    latter two the same ones), in two launches and no other kernel: the dq kernel (with delta and the memory-slot
+    partials), then the dk/dv kernel (with the memory-slot reductions)."""
     batch, heads, n, d = q.shape
     m = mem_k.shape[1]
-    dq, dk, dv = _empty_like_output(q), _empty_like_output(q), _empty_like_output(q)
-    # Per-batch partial gradients of the memory slots, each element written by exactly one program.
-    dmem_k_partial = torch.zeros((batch, heads, m, d), dtype=torch.float32, device=q.device)
-    dmem_v_partial = torch.zeros_like(dmem_k_partial)
-    if q.numel() > 0:
-        grad_out = grad_out.to(q.dtype)
-        scales = (scale * LOG2E, scale)
-        delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
-        delta_block = _delta_block(d)
-        _attention_backward_delta_kernel[_grid(n, delta_block, batch * heads)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n, HEAD_DIM=d, BLOCK_M=delta_block,
-            num_warps=1 if INTERPRETING else 4,
-        )
+    if q.numel() == 0:
+        dmem_k.zero_()  # no queries: the memory slots get no gradient
+        dmem_v.zero_()
+        return
+    grad_out = grad_out.to(q.dtype)
+    scales = (scale * LOG2E, scale)
+    delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, d, q.device)
+    query_blocks = triton.cdiv(n, block_m)
+    # Every element written by exactly one dq program, read by one reduction program: no zero-fill.
+    dmem_partial = torch.empty((batch * heads * query_blocks, 2, m, d), dtype=torch.float32, device=q.device)
+    mem_k_in, mem_v_in = _standin(mem_k, k), _standin(mem_v, v)
+    _attention_backward_dq_kernel[_grid(n, block_m, batch * heads)](
+        q, k, v, mem_k_in, mem_v_in, out, grad_out, lse, delta, dq, dmem_partial if m > 0 else lse,
+        *q.stride(), *k.stride(), *v.stride(), *mem_k_in.stride(), *mem_v_in.stride(), *out.stride(),
+        *grad_out.stride(), *dq.stride(), heads, n, m, *scales,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    n_reduce = 2 * heads * triton.cdiv(m, BLOCK_MEM)
+    dmem_k_out, dmem_v_out = _standin(dmem_k, dk), _standin(dmem_v, dv)
+    block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, d, q.device)
+    _attention_backward_dkdv_kernel[_grid(n, block_n, batch * heads, n_reduce)](
+        q, k, v, grad_out, lse, delta, dk, dv, dmem_partial if m > 0 else lse, dmem_k_out, dmem_v_out,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *dmem_k_out.stride(),
+        batch, heads, n, m, query_blocks, n_reduce, *scales,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
+        num_warps=num_warps, num_stages=num_stages,
+    )
 
-        block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, d, q.device)
-        _attention_backward_dkdv_kernel[_grid(n, block_n, batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), heads, n, *scales,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=INTERPRETING, num_warps=num_warps,
-            num_stages=num_stages,
-        )
 
-        if m > 0:
-            block_m, block_mem, num_warps, num_stages = _config("memory", q.dtype, d, q.device)
-            _attention_backward_memory_kernel[_grid(m, block_mem, batch * heads)](
-                q, mem_k, mem_v, grad_out, lse, delta, dmem_k_partial, dmem_v_partial,
-                *q.stride(), *mem_k.stride(), *mem_v.stride(), *grad_out.stride(), heads, n, m, *scales,
-                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_MEM=block_mem, DOT_FP32=INTERPRETING, num_warps=num_warps,
-                num_stages=num_stages,
-            )
+def _qkv_views(qkv, heads):
+    """q, k, v (B, heads, N, d) views of a (B, 3*heads*d, H, W) tensor, positions along N (a copy only for strides
+    that cannot merge H and W)."""
+    batch, channels = qkv.shape[:2]
+    d = channels // (3 * heads)
+    return qkv.flatten(2).unflatten(1, (3, heads, d)).transpose(-1, -2).unbind(1)
 
-        mem_k_in, mem_v_in = _mem_or_standin(mem_k, k), _mem_or_standin(mem_v, v)
-        block_m, block_n, num_warps, num_stages = _config("dq", q.dtype, d, q.device)
-        _attention_backward_dq_kernel[_grid(n, block_m, batch * heads)](
-            q, k, v, mem_k_in, mem_v_in, grad_out, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *mem_k_in.stride(), *mem_v_in.stride(), *grad_out.stride(),
-            *dq.stride(), heads, n, m, *scales,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-    # Sum of the per-batch partials: a torch reduction over one dimension, in a fixed order (deterministic).
-    return dq, dk, dv, dmem_k_partial.sum(0).to(mem_k.dtype), dmem_v_partial.sum(0).to(mem_v.dtype)
+
+def _image_view(image, heads):
+    """(B, heads, N, d) view of a (B, heads*d, H, W) tensor (the output and its gradient)."""
+    return image.flatten(2).unflatten(1, (heads, -1)).transpose(-1, -2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -706,9 +668,9 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_head_dim(where, q):
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"{where}: the kernels take head dims {HEAD_DIMS}, got {q.shape[-1]} "
+def _check_head_dim(where, d):
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{where}: the kernels take head dims {HEAD_DIMS}, got {d} "
                          "(fastunet.kernels.attention.attention pads other head dims up to 128)")
 
 
@@ -721,8 +683,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mem_k: 
     Returns out (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N), and lse (B, heads, N) fp32
     contiguous, the base-2 logsumexp of each query row's scores times scale * log2(e).
     """
-    _check_head_dim("attention_forward", q)
-    return _forward(q, k, v, mem_k, mem_v, scale)
+    _check_head_dim("attention_forward", q.shape[-1])
+    out = _empty_like_output(q)
+    return out, _forward(q, k, v, mem_k, mem_v, scale, out)
 
 
 @attention_forward.register_fake
@@ -739,8 +702,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     Returns dq, dk, dv (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N), and d mem_k, d mem_v
     (heads, M, d) contiguous in the dtypes of mem_k and mem_v.
     """
-    _check_head_dim("attention_backward", q)
-    return _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale)
+    _check_head_dim("attention_backward", q.shape[-1])
+    dq, dk, dv = _empty_like_output(q), _empty_like_output(q), _empty_like_output(q)
+    dmem_k = torch.empty(mem_k.shape, dtype=mem_k.dtype, device=mem_k.device)
+    dmem_v = torch.empty(mem_v.shape, dtype=mem_v.dtype, device=mem_v.device)
+    _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale, dq, dk, dv, dmem_k, dmem_v)
+    return dq, dk, dv, dmem_k, dmem_v
 
 
 @attention_backward.register_fake
@@ -753,11 +720,15 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mem_k, mem_v, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
+    # No zero tensor for lse's (absent) gradient: that would be one more kernel per backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
     ctx.scale = scale
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return None, None, None, None, None, None
     q, k, v, mem_k, mem_v, out, lse = ctx.saved_tensors
     grads = torch.ops.fastunet.attention_backward(grad_out, q, k, v, mem_k, mem_v, out, lse, ctx.scale)
     return (*grads, None)
@@ -766,21 +737,97 @@ def _backward_rule(ctx, grad_out, grad_lse):
 attention_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def unsupported_reason(q, k, v, mem_k, mem_v):
-    """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None."""
-    if q.shape[-1] > HEAD_DIMS[-1]:
-        return f"the attention kernels take head dims up to {HEAD_DIMS[-1]}, got {q.shape[-1]}"
-    if q.shape[0] * q.shape[1] * triton.cdiv(q.shape[2], 16) > MAX_PROGRAMS:
-        return f"q of shape {tuple(q.shape)} needs more than the {MAX_PROGRAMS} programs of a CUDA grid axis"
+def _packed_shapes(qkv, mem_kv, heads):
+    batch, channels, height, width = qkv.shape
+    return (batch, channels // 3, height, width)
+
+
+@torch.library.custom_op("fastunet::packed_attention_forward", mutates_args=())
+def packed_attention_forward(qkv: torch.Tensor, mem_kv: torch.Tensor, heads: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel on the to_qkv output. qkv (B, 3*heads*d, H, W) one float dtype, any strides, d in HEAD_DIMS;
+    mem_kv (2, heads, M, d) any float dtype. Returns out (B, heads*d, H, W) contiguous in qkv.dtype (to_out's
+    input) and lse (B, heads, H*W) fp32 (see attention_forward)."""
+    q, k, v = _qkv_views(qkv, heads)
+    _check_head_dim("packed_attention_forward", q.shape[-1])
+    out = torch.empty(_packed_shapes(qkv, mem_kv, heads), dtype=qkv.dtype, device=qkv.device)
+    return out, _forward(q, k, v, mem_kv[0], mem_kv[1], scale, _image_view(out, heads))
+
+
+@packed_attention_forward.register_fake
+def _packed_attention_forward_fake(qkv, mem_kv, heads, scale):
+    batch, _, height, width = qkv.shape
+    return (qkv.new_empty(_packed_shapes(qkv, mem_kv, heads)),
+            qkv.new_empty((batch, heads, height * width), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastunet::packed_attention_backward", mutates_args=())
+def packed_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward kernels on the to_qkv output. grad_out (B, heads*d, H, W) any strides. Returns d qkv
+    (B, 3*heads*d, H, W) contiguous in qkv.dtype, one tensor (autograd joins nothing), and d mem_kv
+    (2, heads, M, d) contiguous in mem_kv's dtype."""
+    q, k, v = _qkv_views(qkv, heads)
+    _check_head_dim("packed_attention_backward", q.shape[-1])
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dmem_kv = torch.empty(mem_kv.shape, dtype=mem_kv.dtype, device=mem_kv.device)
+    dq, dk, dv = _qkv_views(dqkv, heads)
+    _backward(_image_view(grad_out, heads), q, k, v, mem_kv[0], mem_kv[1], _image_view(out, heads), lse, scale,
+              dq, dk, dv, dmem_kv[0], dmem_kv[1])
+    return dqkv, dmem_kv
+
+
+@packed_attention_backward.register_fake
+def _packed_attention_backward_fake(grad_out, qkv, mem_kv, out, lse, heads, scale):
+    return qkv.new_empty(qkv.shape), mem_kv.new_empty(mem_kv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, mem_kv, heads, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(qkv, mem_kv, out, lse)
+    ctx.heads, ctx.scale = heads, scale
+
+
+def _packed_backward_rule(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return None, None, None, None
+    qkv, mem_kv, out, lse = ctx.saved_tensors
+    dqkv, dmem_kv = torch.ops.fastunet.packed_attention_backward(grad_out, qkv, mem_kv, out, lse, ctx.heads,
+                                                                 ctx.scale)
+    return dqkv, dmem_kv, None, None
+
+
+packed_attention_forward.register_autograd(_packed_backward_rule, setup_context=_packed_setup_context)
+
+
+def unsupported_reason(*args):
+    """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None. The module's
+    two ops share it: `attention`'s arguments (q, k, v, mem_k, mem_v) and `packed_attention`'s (qkv, mem_kv,
+    heads, sdpa, dropout, scale), told apart by the int `heads`."""
+    if isinstance(args[2], int):
+        qkv, mem_kv, heads, _, dropout, _ = args
+        if dropout > 0:
+            return f"the attention kernels have no dropout on the attention weights, got dropout {dropout}"
+        batch, channels, height, width = qkv.shape
+        shape = (batch, heads, height * width, channels // (3 * heads))
+    else:
+        shape = tuple(args[0].shape)
+    if shape[-1] > HEAD_DIMS[-1]:
+        return f"the attention kernels take head dims up to {HEAD_DIMS[-1]}, got {shape[-1]}"
+    if shape[0] * shape[1] * triton.cdiv(shape[2], 16) > MAX_PROGRAMS:
+        return f"q of shape {shape} needs more than the {MAX_PROGRAMS} programs of a CUDA grid axis"
     return None
 
 
-def attention(q, k, v, mem_k, mem_v):
-    """`softmax(q [mem_k; k]^T * d^-0.5) [mem_v; v]`, non-causal (fastunet.reference.attention), differentiable.
+def attention(q, k, v, mem_k, mem_v, scale=None):
+    """`softmax(q [mem_k; k]^T * scale) [mem_v; v]`, non-causal (fastunet.reference.attention), differentiable.
 
     q, k, v: (B, heads, N, d), one dtype among fp32/fp16/bf16, any strides, d <= 128.
     mem_k, mem_v: (heads, M, d), M >= 0, any float dtype (fp32 parameters under autocast); cast to q's dtype.
-    B * heads * cdiv(N, 16) <= 2**31 - 1 (MAX_PROGRAMS).
+    scale: the softmax scale, d^-0.5 when None. B * heads * cdiv(N, 16) <= 2**31 - 1 (MAX_PROGRAMS).
     Returns (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N): the memory of a contiguous
     (B, heads*d, H, W) tensor, which to_out reads without a copy. Head dims outside HEAD_DIMS are zero-padded to
     the next one (their result is then a slice of the padded output); head dims above 128 raise ValueError.
@@ -792,8 +839,29 @@ def attention(q, k, v, mem_k, mem_v):
     if padded != d:
         # Zero dims add nothing to q.k and give zero output columns, sliced off.
         q, k, v, mem_k, mem_v = (torch.nn.functional.pad(t, (0, padded - d)) for t in (q, k, v, mem_k, mem_v))
-    out, _ = attention_forward(q, k, v, mem_k, mem_v, d**-0.5)
+    out, _ = attention_forward(q, k, v, mem_k, mem_v, d**-0.5 if scale is None else scale)
     return out if padded == d else out[..., :d]
+
+
+def packed_attention(qkv, mem_kv, heads, sdpa=False, dropout=0.0, scale=None):
+    """`attention` on the to_qkv output, differentiable, with one gradient tensor for qkv and one for mem_kv.
+
+    qkv: (B, 3*heads*d, H, W) fp32/fp16/bf16, any strides: q, k, v are its three channel chunks, each
+        (heads, d) major to minor, positions H*W (upstream's rearrange); d <= 128.
+    mem_kv: (2, heads, M, d), M >= 0, any float dtype: memory keys then values.
+    sdpa: ignored (this is a flash kernel already; the reference uses it). dropout: must be 0 (unsupported_reason
+    sends other values to the reference). scale: the softmax scale, d^-0.5 when None.
+    Returns (B, heads*d, H, W) contiguous in qkv.dtype. Head dims outside HEAD_DIMS go through `attention`'s
+    zero-padding (copies of q, k, v); the others read qkv in place.
+    """
+    if dropout > 0:
+        raise ValueError(f"packed_attention: the Triton kernels have no attention dropout, got dropout {dropout}")
+    d = qkv.shape[1] // (3 * heads)
+    if d not in HEAD_DIMS:
+        q, k, v = _qkv_views(qkv, heads)
+        out = attention(q, k, v, mem_kv[0], mem_kv[1], scale)
+        return out.transpose(-1, -2).reshape(_packed_shapes(qkv, mem_kv, heads))
+    return packed_attention_forward(qkv, mem_kv, heads, d**-0.5 if scale is None else scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -801,18 +869,17 @@ def attention(q, k, v, mem_k, mem_v):
 # ----------------------------------------------------------------------------------------------------------------
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_KERNELS = {"forward": _attention_forward_kernel, "delta": _attention_backward_delta_kernel,
-            "dkdv": _attention_backward_dkdv_kernel, "memory": _attention_backward_memory_kernel,
+_KERNELS = {"forward": _attention_forward_kernel, "dkdv": _attention_backward_dkdv_kernel,
             "dq": _attention_backward_dq_kernel}
 # Strides equal to 1 in the Unet's layout, which Triton specializes as constants at launch: positions are
 # contiguous in q, k, v (views of the to_qkv output), grad_out and every (B, heads, N, d) tensor the kernels
-# allocate; the memory slots (heads, M, d) are contiguous parameters.
+# allocate; the memory slots (heads, M, d) and their gradients are contiguous.
 _UNIT_STRIDES = {"stride_qn", "stride_kn", "stride_vn", "stride_on", "stride_gn", "stride_dkn", "stride_dvn",
-                 "stride_dqn", "stride_mkd", "stride_mvd"}
+                 "stride_dqn", "stride_mkd", "stride_mvd", "stride_dmd"}
 # Pointer arguments: those of the first set are fp32 whatever the input dtype; the memory slots have their own
-# dtype (fp32 parameters under autocast); the others have q's dtype.
-_FP32_POINTERS = {"LSE", "DELTA", "DMEM_K", "DMEM_V"}
-_MEM_POINTERS = {"MEM_K", "MEM_V"}
+# dtype (fp32 parameters under autocast), and so have their gradients; the others have q's dtype.
+_FP32_POINTERS = {"LSE", "DELTA", "DMEM_PARTIAL"}
+_MEM_POINTERS = {"MEM_K", "MEM_V", "DMEM_K", "DMEM_V"}
 _POINTERS = _FP32_POINTERS | _MEM_POINTERS | {"Q", "K", "V", "OUT", "GRAD_OUT", "DQ", "DK", "DV"}
 # Integer arguments that are multiples of 16 in the Unet's layout whenever N is (H*W at every resolution from 4x4
 # up): the non-unit strides of the (B, heads, N, d) tensors (3*heads*d*N, d*N, N for to_qkv views; heads*d*N,
@@ -820,7 +887,7 @@ _POINTERS = _FP32_POINTERS | _MEM_POINTERS | {"Q", "K", "V", "OUT", "GRAD_OUT", 
 # Not HEADS nor M_MEM (4 in the Unet). With 16-byte aligned pointers (PyTorch's allocator, and the to_qkv chunks
 # begin heads*d*N elements apart) Triton's launch marks exactly these tt.divisibility=16.
 _DIVISIBLE_INTS = {"N_CTX"} | {f"stride_{t}{a}" for t in ("q", "k", "v", "o", "g", "dk", "dv", "dq")
-                              for a in ("b", "h", "d")} | {f"stride_{t}{a}" for t in ("mk", "mv") for a in ("h", "m")}
+                              for a in ("b", "h", "d")} | {f"stride_{t}{a}" for t in ("mk", "mv", "dm") for a in ("h", "m")}
 
 
 def _signature(kernel, dtype, constexprs, mem_dtype=None):
@@ -859,13 +926,7 @@ def _compile_entry(name, dtype, head_dim, tiles, aligned=False, mem_dtype=None):
     N a multiple of 16 (the divisibility Triton then specializes), else the worst case (no hints)."""
     kernel = _KERNELS[name]
     block_m, block_n, num_warps, num_stages = tiles
-    if name == "delta":
-        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m)
-    else:
-        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, DOT_FP32=False)
-        constexprs["BLOCK_MEM" if name == "memory" else "BLOCK_N"] = block_n
-        if name in ("forward", "dq"):
-            constexprs["BLOCK_MEM"] = BLOCK_MEM
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=False)
     signature, constants = _signature(kernel, dtype, constexprs, mem_dtype)
     options = {k: v for k, v in dict(num_warps=num_warps, num_stages=num_stages).items() if v is not None}
     if not aligned:
@@ -876,22 +937,21 @@ def _compile_entry(name, dtype, head_dim, tiles, aligned=False, mem_dtype=None):
 def gpu_compile_configs(arch=None):
     """Every (kernel, signature, constexprs, options[, attrs]) a GPU launch on sm_`arch` can select (arch 80 or 90:
     that architecture's table, see _table_arch; None: both tables), in the Unet's layout (positions contiguous):
-    for fp16, bf16 and fp32, each head dim of HEAD_DIMS and the five kernels, memory slots in q's dtype, without
+    for fp16, bf16 and fp32, each head dim of HEAD_DIMS and the three kernels, memory slots in q's dtype, without
     alignment hints (N not a multiple of 16, the worst case for registers: 4-tuples); for fp16 and bf16 also
     aligned (N a multiple of 16, as in the Unet at every resolution from 4x4: `attrs` with the divisibility Triton
-    specializes) and, both ways, the autocast case (fp32 memory slots) of the three kernels that read the slots.
-    fp32 has no aligned builds: it is not the Unet's training precision, and they would add 20 builds per
+    specializes) and, both ways, the autocast case (fp32 memory slots; every kernel reads or writes them).
+    fp32 has no aligned builds: it is not the Unet's training precision, and they would add 12 builds per
     architecture to the compile test (when the tables were chosen, no fp32 configuration spilled aligned)."""
     configs = []
     for table_arch in (80, 90) if arch is None else (_table_arch(arch),):
         table = _GPU_CONFIGS[table_arch]
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim in HEAD_DIMS:
-                for name in ("forward", "delta", "dkdv", "memory", "dq"):
-                    tiles = (_DELTA_ELEMENTS // head_dim, None, 4, None) if name == "delta" else \
-                        table[name][_dot_precision(dtype)][head_dim]
+                for name in _KERNELS:
+                    tiles = table[name][_dot_precision(dtype)][head_dim]
                     for aligned in (False, True) if dtype != torch.float32 else (False,):
                         configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned))
-                        if dtype != torch.float32 and name in ("forward", "memory", "dq"):
+                        if dtype != torch.float32:
                             configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned, torch.float32))
     return configs

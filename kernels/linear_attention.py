@@ -218,7 +218,7 @@ def _context_partial_kernel(
         values = tl.load(v_base + pos[None, :] * stride_vn, mask=in_seq, other=0.0)
         row_max, row_sum, context = _accumulate_context(keys, values, row_max, row_sum, context, DOT_DTYPE, UPCAST)
 
-    part = pid_bh * tl.num_programs(1) + split
+    part = pid_bh.to(tl.int64) * tl.num_programs(1) + split
     tl.store(max_ptr + part * D + offs_d, row_max)
     tl.store(sum_ptr + part * D + offs_d, row_sum)
     tl.store(partial_ptr + part * D * D + offs_d[:, None] * D + offs_d[None, :], context)
@@ -229,8 +229,8 @@ def _context_combine_kernel(
     max_ptr,  # (B*heads, splits, D) fp32 per-split row max
     sum_ptr,  # (B*heads, splits, D) fp32 per-split row sum of exp, relative to its max
     partial_ptr,  # (B*heads, splits, D, D) fp32 per-split unnormalized context, relative to its max
-    mem_k_ptr,  # (heads, D, M) fp32 memory keys, strides stride_mk*
-    mem_v_ptr,  # (heads, D, M) fp32 memory values, strides stride_mv*
+    mem_k_ptr,  # (heads, D, M) memory keys, any float dtype (read as fp32), strides stride_mk*
+    mem_v_ptr,  # (heads, D, M) memory values, any float dtype (read as fp32), strides stride_mv*
     context_ptr,  # out: (B*heads, D, D) fp32 normalized context[c, e]
     lse_ptr,  # out: (B*heads, D) fp32 log-sum-exp of each key row over all M + N positions
     heads,  # number of heads
@@ -257,13 +257,13 @@ def _context_combine_kernel(
     for tile in range(0, tl.cdiv(M, BLOCK_M)):
         pos = tile * BLOCK_M + offs_m
         keys = tl.load(mem_k_ptr + head * stride_mkh + rows[:, None] * stride_mkd + pos[None, :] * stride_mkm,
-                       mask=pos[None, :] < M, other=float("-inf"))
+                       mask=pos[None, :] < M, other=float("-inf")).to(tl.float32)
         values = tl.load(mem_v_ptr + head * stride_mvh + cols[:, None] * stride_mvd + pos[None, :] * stride_mvm,
-                         mask=pos[None, :] < M, other=0.0)
+                         mask=pos[None, :] < M, other=0.0).to(tl.float32)
         row_max, row_sum, context = _accumulate_context(keys, values, row_max, row_sum, context, tl.float32, UPCAST)
     # Fixed split order: the result does not depend on which program finished first.
     for split in range(0, splits):
-        part = pid_bh * splits + split
+        part = pid_bh.to(tl.int64) * splits + split
         split_max = tl.load(max_ptr + part * D + rows)
         new_max = tl.maximum(row_max, split_max)
         old_scale = tl.exp(row_max - new_max)
@@ -272,8 +272,8 @@ def _context_combine_kernel(
         partial = tl.load(partial_ptr + part * D * D + rows[:, None] * D + cols[None, :])
         context = context * old_scale[:, None] + partial * split_scale[:, None]
         row_max = new_max
-    tl.store(context_ptr + pid_bh * D * D + rows[:, None] * D + cols[None, :], context / row_sum[:, None])
-    tl.store(lse_ptr + pid_bh * D + rows, row_max + tl.log(row_sum))
+    tl.store(context_ptr + pid_bh.to(tl.int64) * D * D + rows[:, None] * D + cols[None, :], context / row_sum[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * D + rows, row_max + tl.log(row_sum))
 
 
 @triton.jit
@@ -299,7 +299,7 @@ def _output_kernel(
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d[:, None] * stride_qd
     out_base = out_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
     # [e, c], scaled once here rather than per position, and rounded once for the products.
-    context = tl.load(context_ptr + pid_bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+    context = tl.load(context_ptr + pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
     context_t = (tl.trans(context) * scale).to(DOT_DTYPE)
 
     first_tile = tl.program_id(1) * tiles_per_program
@@ -320,7 +320,7 @@ def _query_grad_kernel(
     q_ptr,  # (B, heads, D, N) queries, strides stride_q*
     dout_ptr,  # (B, heads, D, N) gradient of out, q's dtype, strides stride_o*
     context_ptr,  # (B*heads, D, D) fp32 normalized context[c, e] from the forward
-    dq_ptr,  # out: (B, heads, D, N) contiguous, q's dtype
+    dq_ptr,  # out: (B, heads, D, N) q's dtype, strides (stride_dqb, stride_dqh, N, 1)
     dpartial_ptr,  # out: (B*heads, splits, D, D) fp32 the split's part of dcontext[c, e]
     heads,  # number of heads
     N,  # positions
@@ -328,6 +328,7 @@ def _query_grad_kernel(
     scale,  # D ** -0.5
     stride_qb, stride_qh, stride_qd, stride_qn,  # q strides in elements
     stride_ob, stride_oh, stride_od, stride_on,  # dout strides in elements
+    stride_dqb, stride_dqh,  # dq strides along batch and head, in elements
     D: tl.constexpr,  # head dim
     BLOCK_N: tl.constexpr,  # positions per tile
     UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
@@ -341,10 +342,10 @@ def _query_grad_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d[:, None] * stride_qd
     dout_base = dout_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_d[:, None] * stride_od
-    dq_base = dq_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
+    dq_base = dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + offs_d[:, None] * N
     # d(scaled query softmax)[c, n] = scale * sum_e context[c, e] dout[e, n]; the context (a weighted average of
     # values) is as bounded as they are, so it rounds to 16 bits without overflow.
-    context_t = tl.load(context_ptr + pid_bh * D * D + offs_d[None, :] * D + offs_d[:, None])
+    context_t = tl.load(context_ptr + pid_bh.to(tl.int64) * D * D + offs_d[None, :] * D + offs_d[:, None])
     context_hi, context_lo = _hi_lo(tl.trans(context_t) * scale, DOT_DTYPE)
     dcontext = tl.zeros([D, D], tl.float32)
 
@@ -364,7 +365,7 @@ def _query_grad_kernel(
         dq = probs * (dprobs - tl.sum(probs * dprobs, axis=0)[None, :])
         tl.store(dq_base + pos[None, :], dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
 
-    part = pid_bh * tl.num_programs(1) + split
+    part = pid_bh.to(tl.int64) * tl.num_programs(1) + split
     tl.store(dpartial_ptr + part * D * D + offs_d[:, None] * D + offs_d[None, :], dcontext * scale)
 
 
@@ -373,8 +374,8 @@ def _context_grad_combine_kernel(
     dpartial_ptr,  # (B*heads, splits, D, D) fp32 per-split parts of dcontext
     context_ptr,  # (B*heads, D, D) fp32 normalized context from the forward
     lse_ptr,  # (B*heads, D) fp32 key log-sum-exp from the forward
-    mem_k_ptr,  # (heads, D, M) fp32 memory keys, strides stride_mk*
-    mem_v_ptr,  # (heads, D, M) fp32 memory values, strides stride_mv*
+    mem_k_ptr,  # (heads, D, M) memory keys, any float dtype (read as fp32), strides stride_mk*
+    mem_v_ptr,  # (heads, D, M) memory values, any float dtype (read as fp32), strides stride_mv*
     dcontext_ptr,  # out: (B*heads, D, D) fp32 dcontext[c, e]
     rowdot_ptr,  # out: (B*heads, D) fp32 sum_e dcontext[c, e] context[c, e] = sum_j ks[c, j] dks[c, j]
     dmem_k_ptr,  # out: (B*heads, D, M) fp32 memory-key gradient of each batch element
@@ -398,48 +399,36 @@ def _context_grad_combine_kernel(
     offsets = rows[:, None] * D + cols[None, :]
     dcontext = tl.zeros([ROWS, D], tl.float32)
     for split in range(0, splits):  # fixed order: deterministic
-        dcontext += tl.load(dpartial_ptr + (pid_bh * splits + split) * D * D + offsets)
-    rowdot = tl.sum(dcontext * tl.load(context_ptr + pid_bh * D * D + offsets), axis=1)
-    tl.store(dcontext_ptr + pid_bh * D * D + offsets, dcontext)
-    tl.store(rowdot_ptr + pid_bh * D + rows, rowdot)
+        dcontext += tl.load(dpartial_ptr + (pid_bh.to(tl.int64) * splits + split) * D * D + offsets)
+    rowdot = tl.sum(dcontext * tl.load(context_ptr + pid_bh.to(tl.int64) * D * D + offsets), axis=1)
+    tl.store(dcontext_ptr + pid_bh.to(tl.int64) * D * D + offsets, dcontext)
+    tl.store(rowdot_ptr + pid_bh.to(tl.int64) * D + rows, rowdot)
 
     # Memory slots: the gradients of _key_value_grad_kernel, on fp32 (ROWS x BLOCK_M) tiles. dmem_v sums over
     # all D rows, so each row block writes its own part; torch adds them with the batch, in a fixed order.
-    lse = tl.load(lse_ptr + pid_bh * D + rows)
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * D + rows)
     for tile in range(0, tl.cdiv(M, BLOCK_M)):
         pos = tile * BLOCK_M + offs_m
         in_mem = pos[None, :] < M
         keys = tl.load(mem_k_ptr + head * stride_mkh + rows[:, None] * stride_mkd + pos[None, :] * stride_mkm,
-                       mask=in_mem, other=float("-inf"))
+                       mask=in_mem, other=float("-inf")).to(tl.float32)
         values = tl.load(mem_v_ptr + head * stride_mvh + cols[:, None] * stride_mvd + pos[None, :] * stride_mvm,
-                         mask=in_mem, other=0.0)
+                         mask=in_mem, other=0.0).to(tl.float32)
         key_probs = tl.exp(keys - lse[:, None])
         dkeys = key_probs * (_dot(dcontext, values, tl.float32, UPCAST) - rowdot[:, None])
         dvalues = _dot(tl.trans(dcontext), key_probs, tl.float32, UPCAST)
-        tl.store(dmem_k_ptr + pid_bh * D * M + rows[:, None] * M + pos[None, :], dkeys, mask=in_mem)
-        dmem_v_block = dmem_v_ptr + (pid_bh * (D // ROWS) + row_block) * D * M
+        tl.store(dmem_k_ptr + pid_bh.to(tl.int64) * D * M + rows[:, None] * M + pos[None, :], dkeys, mask=in_mem)
+        dmem_v_block = dmem_v_ptr + (pid_bh.to(tl.int64) * (D // ROWS) + row_block) * D * M
         tl.store(dmem_v_block + cols[:, None] * M + pos[None, :], dvalues, mask=in_mem)
 
 
 @triton.jit
-def _key_value_grad_kernel(
-    k_ptr,  # (B, heads, D, N) keys, strides stride_k*
-    v_ptr,  # (B, heads, D, N) values, strides stride_v*
-    lse_ptr,  # (B*heads, D) fp32 key log-sum-exp from the forward
-    dcontext_ptr,  # (B*heads, D, D) fp32 dcontext[c, e]
-    rowdot_ptr,  # (B*heads, D) fp32 per-row sum_j ks dks
-    dk_ptr,  # out: (B, heads, D, N) contiguous, q's dtype
-    dv_ptr,  # out: (B, heads, D, N) contiguous, q's dtype
-    heads,  # number of heads
-    N,  # positions in k and v
-    tiles_per_program,  # BLOCK_N-tiles of positions per program along axis 1
-    stride_kb, stride_kh, stride_kd, stride_kn,  # k strides in elements
-    stride_vb, stride_vh, stride_vd, stride_vn,  # v strides in elements
-    D: tl.constexpr,  # head dim
-    BLOCK_N: tl.constexpr,  # positions per tile
-    UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
+def _key_value_grad_program(
+    pid_bh, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N, tiles_per_program,
+    stride_kb, stride_kh, stride_kd, stride_kn, stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    """dk, dv of the tiles of positions of program (pid_bh, program_id(1)); see _key_value_grad_kernel."""
     batch = pid_bh // heads
     head = pid_bh % heads
     DOT_DTYPE: tl.constexpr = k_ptr.dtype.element_ty
@@ -447,11 +436,12 @@ def _key_value_grad_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
-    dk_base = dk_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
-    dv_base = dv_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
-    lse = tl.load(lse_ptr + pid_bh * D + offs_d)
-    rowdot = tl.load(rowdot_ptr + pid_bh * D + offs_d)
-    dcontext = tl.load(dcontext_ptr + pid_bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+    grad_offset = batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh + offs_d[:, None] * N
+    dk_base = dk_ptr + grad_offset
+    dv_base = dv_ptr + grad_offset
+    lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * D + offs_d)
+    rowdot = tl.load(rowdot_ptr + pid_bh.to(tl.int64) * D + offs_d)
+    dcontext = tl.load(dcontext_ptr + pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
     # Rounded once for the loop's products, after division by a power of two at least its largest magnitude:
     # dcontext sums dout over all positions and can pass fp16's 65504 under loss scaling while dk and dv do not.
     dscale = _power_of_two_scale(dcontext)
@@ -472,6 +462,77 @@ def _key_value_grad_kernel(
         dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale
         tl.store(dk_base + pos[None, :], dkeys.to(dk_ptr.dtype.element_ty), mask=in_seq)
         tl.store(dv_base + pos[None, :], dvalues.to(dv_ptr.dtype.element_ty), mask=in_seq)
+
+
+@triton.jit
+def _memory_grad_reduce_program(
+    head, dmem_k_part_ptr, dmem_v_part_ptr, dmem_k_ptr, dmem_v_ptr, batch_size, heads, M,
+    stride_dmh, stride_dmd, stride_dmm,
+    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """d mem_k, d mem_v of one head: the per-batch (and, for values, per-row-block) partials of
+    _context_grad_combine_kernel summed in a fixed order (deterministic), stored in the slots' dtype. The programs
+    along axis 1 share the row blocks."""
+    cols = tl.arange(0, D)
+    offs_m = tl.arange(0, BLOCK_M)
+    for row_block in range(tl.program_id(1), D // ROWS, tl.num_programs(1)):
+        rows = row_block * ROWS + tl.arange(0, ROWS)
+        for tile in range(0, tl.cdiv(M, BLOCK_M)):
+            pos = tile * BLOCK_M + offs_m
+            in_mem = pos[None, :] < M
+            dkeys = tl.zeros([ROWS, BLOCK_M], tl.float32)
+            dvalues = tl.zeros([ROWS, BLOCK_M], tl.float32)
+            for b in range(0, batch_size):
+                pid_bh = (b * heads + head).to(tl.int64)
+                dkeys += tl.load(dmem_k_part_ptr + pid_bh * D * M + rows[:, None] * M + pos[None, :], mask=in_mem,
+                                 other=0.0)
+                for part in range(0, D // ROWS):
+                    dvalues += tl.load(dmem_v_part_ptr + (pid_bh * (D // ROWS) + part) * D * M + rows[:, None] * M
+                                       + pos[None, :], mask=in_mem, other=0.0)
+            out = head.to(tl.int64) * stride_dmh + rows[:, None] * stride_dmd + pos[None, :] * stride_dmm
+            tl.store(dmem_k_ptr + out, dkeys.to(dmem_k_ptr.dtype.element_ty), mask=in_mem)
+            tl.store(dmem_v_ptr + out, dvalues.to(dmem_v_ptr.dtype.element_ty), mask=in_mem)
+
+
+@triton.jit
+def _key_value_grad_kernel(
+    k_ptr,  # (B, heads, D, N) keys, strides stride_k*
+    v_ptr,  # (B, heads, D, N) values, strides stride_v*
+    lse_ptr,  # (B*heads, D) fp32 key log-sum-exp from the forward
+    dcontext_ptr,  # (B*heads, D, D) fp32 dcontext[c, e]
+    rowdot_ptr,  # (B*heads, D) fp32 per-row sum_j ks dks
+    dk_ptr,  # out: (B, heads, D, N) q's dtype, strides (stride_dkb, stride_dkh, N, 1)
+    dv_ptr,  # out: (B, heads, D, N) q's dtype, dk's strides
+    dmem_k_part_ptr,  # (B*heads, D, M) fp32 memory-key gradient of each batch element
+    dmem_v_part_ptr,  # (B*heads, D / ROWS, D, M) fp32 memory-value gradient of each batch element and row block
+    dmem_k_ptr,  # out: (heads, D, M) memory-key gradient in the slots' dtype, strides stride_dm*
+    dmem_v_ptr,  # out: (heads, D, M) memory-value gradient in the slots' dtype, dmem_k's strides
+    batch_size,  # B
+    heads,  # number of heads (program axis 0 enumerates b * heads + h, then one reduction row per head if M > 0)
+    N,  # positions in k and v
+    M,  # memory slots, >= 0
+    tiles_per_program,  # BLOCK_N-tiles of positions per program along axis 1
+    stride_kb, stride_kh, stride_kd, stride_kn,  # k strides in elements
+    stride_vb, stride_vh, stride_vd, stride_vn,  # v strides in elements
+    stride_dkb, stride_dkh,  # dk and dv strides along batch and head, in elements
+    stride_dmh, stride_dmd, stride_dmm,  # dmem_k and dmem_v strides in elements
+    D: tl.constexpr,  # head dim
+    BLOCK_N: tl.constexpr,  # positions per tile
+    ROWS: tl.constexpr,  # rows per combine program (the row blocks of dmem_v_part)
+    BLOCK_M: tl.constexpr,  # memory slots per tile
+    UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
+):
+    """The backward's last launch: dk, dv of every (b, head), and after them, one program row per head that
+    reduces the memory-slot gradients (the torch sums and casts this replaces were four kernels)."""
+    pid_bh = tl.program_id(0)
+    if pid_bh < batch_size * heads:
+        _key_value_grad_program(pid_bh, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N,
+                                tiles_per_program, stride_kb, stride_kh, stride_kd, stride_kn,
+                                stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh, D, BLOCK_N, UPCAST)
+    else:
+        _memory_grad_reduce_program(pid_bh - batch_size * heads, dmem_k_part_ptr, dmem_v_part_ptr, dmem_k_ptr,
+                                    dmem_v_ptr, batch_size, heads, M, stride_dmh, stride_dmd, stride_dmm, D, ROWS,
+                                    BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,9 +575,14 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# CUDA's limit on grid axis 1, which enumerates the programs of one (b, head).
+MAX_GRID_Y = 65535
+
+
 def _split(tiles, tiles_per_program):
-    """(tiles per program, programs per (b, head)): every program gets at least one tile."""
-    tiles_per_program = max(1, min(tiles_per_program, tiles))
+    """(tiles per program, programs per (b, head)): every program gets at least one tile, and there are at most
+    MAX_GRID_Y programs (more tiles per program past 65535 * tiles_per_program tiles, N above ~8M at d = 128)."""
+    tiles_per_program = max(1, min(tiles_per_program, tiles), -(-tiles // MAX_GRID_Y))
     return tiles_per_program, max(1, -(-tiles // tiles_per_program))
 
 
@@ -546,10 +612,92 @@ def _check_head_dim(head_dim):
         raise ValueError(f"linear_attention: the Triton kernel supports head dims {HEAD_DIMS}, got {head_dim}")
 
 
-def _float_memory(mem, dummy):
-    """fp32 memory slots (a no-op when they are fp32 already); with M = 0, `dummy`, a valid fp32 tensor that is
-    never read, so that the kernel signature (and its compiled variant) stays the same."""
-    return mem.float() if mem.shape[-1] > 0 else dummy
+def _memory_or_standin(mem, standin):
+    """The memory slots, read in their own dtype; with M = 0, `standin`, a valid tensor that is never read (an
+    empty tensor may have no valid data pointer)."""
+    return mem if mem.shape[-1] > 0 else standin
+
+
+def _qkv_views(qkv, heads):
+    """q, k, v (B, heads, d, N) views of a (B, 3*heads*d, H, W) tensor (a copy only for strides that cannot merge
+    H and W)."""
+    channels = qkv.shape[1]
+    return qkv.flatten(2).unflatten(1, (3, heads, channels // (3 * heads))).unbind(1)
+
+
+def _forward(q, k, v, mem_k, mem_v, num_splits, out):
+    """Writes the attention into `out` (B, heads, d, N) contiguous; returns (context, lse)."""
+    batch, heads, head_dim, n = q.shape
+    _check_head_dim(head_dim)
+    context = torch.empty((batch, heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, head_dim), dtype=torch.float32, device=q.device)
+    batch_heads = batch * heads
+    if batch_heads == 0:
+        return context, lse
+    blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
+        batch_heads, n, head_dim, q.dtype, q.device, num_splits
+    )
+    options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    stats = torch.empty((2, batch_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    partial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
+    _context_partial_kernel[(batch_heads, splits)](
+        k, v, stats[0], stats[1], partial, heads, n, tiles_per_split, *k.stride(), *v.stride(),
+        D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
+    )  # fmt: skip
+    mem_k_in, mem_v_in = _memory_or_standin(mem_k, lse), _memory_or_standin(mem_v, lse)
+    _context_combine_kernel[(batch_heads, head_dim // COMBINE_ROWS)](
+        stats[0], stats[1], partial, mem_k_in, mem_v_in, context, lse, heads, splits, mem_k.shape[-1],
+        *mem_k_in.stride(), *mem_v_in.stride(), D=head_dim, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK,
+        UPCAST=INTERPRETING,
+    )  # fmt: skip
+    if n > 0:
+        _output_kernel[(batch_heads, programs)](
+            q, context, out, heads, n, tiles_per_program, head_dim**-0.5, *q.stride(),
+            D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
+        )  # fmt: skip
+    return context, lse
+
+
+def _backward(dout, q, k, v, mem_k, mem_v, context, lse, num_splits, dq, dk, dv, dmem_k, dmem_v):
+    """Writes dq, dk, dv (B, heads, d, N; strides (., ., N, 1), dk's and dv's the same) and dmem_k, dmem_v
+    (heads, d, M; the same strides) in three launches and no other kernel."""
+    batch, heads, head_dim, n = q.shape
+    m = mem_k.shape[-1]
+    batch_heads = batch * heads
+    if batch_heads == 0:
+        dmem_k.zero_()  # an empty batch gives the memory slots no gradient
+        dmem_v.zero_()
+        return
+    row_blocks = head_dim // COMBINE_ROWS
+    # Memory-slot gradients of each batch element (and, for dmem_v, each row block), summed by the last launch.
+    dmem_k_part = torch.empty((batch, heads, head_dim, m), dtype=torch.float32, device=q.device)
+    dmem_v_part = torch.empty((batch, heads, row_blocks, head_dim, m), dtype=torch.float32, device=q.device)
+    blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
+        batch_heads, n, head_dim, q.dtype, q.device, num_splits
+    )
+    options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    dpartial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
+    _query_grad_kernel[(batch_heads, splits)](
+        q, dout, context, dq, dpartial, heads, n, tiles_per_split, head_dim**-0.5, *q.stride(), *dout.stride(),
+        dq.stride(0), dq.stride(1), D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
+    )  # fmt: skip
+    dcontext = torch.empty((batch_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
+    rowdot = torch.empty((batch_heads, head_dim), dtype=torch.float32, device=q.device)
+    mem_k_in, mem_v_in = _memory_or_standin(mem_k, lse), _memory_or_standin(mem_v, lse)
+    dmem_k_part_in, dmem_v_part_in = (_memory_or_standin(t, rowdot) for t in (dmem_k_part, dmem_v_part))
+    _context_grad_combine_kernel[(batch_heads, row_blocks)](
+        dpartial, context, lse, mem_k_in, mem_v_in, dcontext, rowdot, dmem_k_part_in, dmem_v_part_in,
+        heads, splits, m, *mem_k_in.stride(), *mem_v_in.stride(),
+        D=head_dim, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING,
+    )  # fmt: skip
+    dmem_k_out, dmem_v_out = _memory_or_standin(dmem_k, dk[0]), _memory_or_standin(dmem_v, dv[0])
+    # One extra program row per head when there are memory slots: the reductions of their gradients.
+    _key_value_grad_kernel[(batch_heads + (heads if m > 0 else 0), programs)](
+        k, v, lse, dcontext, rowdot, dk, dv, dmem_k_part_in, dmem_v_part_in, dmem_k_out, dmem_v_out,
+        batch, heads, n, m, tiles_per_program, *k.stride(), *v.stride(), dk.stride(0), dk.stride(1),
+        *dmem_k_out.stride(),
+        D=head_dim, BLOCK_N=blocks.block_n, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING, **options,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,35 +711,8 @@ def linear_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, context, lse): out (B, heads, d, N) contiguous in q.dtype; context (B, heads, d, d) fp32 [c, e];
     lse (B, heads, d) fp32 log-sum-exp of each key row over the M + N positions. See linear_attention."""
-    batch, heads, head_dim, n = q.shape
-    _check_head_dim(head_dim)
-    out = torch.empty((batch, heads, head_dim, n), dtype=q.dtype, device=q.device)
-    context = torch.empty((batch, heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
-    lse = torch.empty((batch, heads, head_dim), dtype=torch.float32, device=q.device)
-    batch_heads = batch * heads
-    if batch_heads == 0:
-        return out, context, lse
-    blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
-        batch_heads, n, head_dim, q.dtype, q.device, num_splits
-    )
-    options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    stats = torch.empty((2, batch_heads, splits, head_dim), dtype=torch.float32, device=q.device)
-    partial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
-    _context_partial_kernel[(batch_heads, splits)](
-        k, v, stats[0], stats[1], partial, heads, n, tiles_per_split, *k.stride(), *v.stride(),
-        D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
-    )  # fmt: skip
-    mem_k32, mem_v32 = _float_memory(mem_k, lse), _float_memory(mem_v, lse)
-    _context_combine_kernel[(batch_heads, head_dim // COMBINE_ROWS)](
-        stats[0], stats[1], partial, mem_k32, mem_v32, context, lse, heads, splits, mem_k.shape[-1],
-        *mem_k32.stride(), *mem_v32.stride(), D=head_dim, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING,
-    )  # fmt: skip
-    if n > 0:
-        _output_kernel[(batch_heads, programs)](
-            q, context, out, heads, n, tiles_per_program, head_dim**-0.5, *q.stride(),
-            D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
-        )  # fmt: skip
-    return out, context, lse
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return (out, *_forward(q, k, v, mem_k, mem_v, num_splits, out))
 
 
 @linear_attention_forward.register_fake
@@ -617,41 +738,13 @@ def linear_attention_backward(
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmem_k, dmem_v): dq, dk, dv (B, heads, d, N) contiguous in q.dtype; dmem_k, dmem_v
-    (heads, d, M) in mem_k's and mem_v's dtypes. dout (B, heads, d, N) any strides; context, lse from the forward."""
-    batch, heads, head_dim, n = q.shape
-    m = mem_k.shape[-1]
-    dq, dk, dv = (torch.empty((batch, heads, head_dim, n), dtype=q.dtype, device=q.device) for _ in range(3))
-    batch_heads = batch * heads
-    row_blocks = head_dim // COMBINE_ROWS
-    # Memory-slot gradients of each batch element (and, for dmem_v, each row block), summed below.
-    dmem_k = torch.empty((batch, heads, head_dim, m), dtype=torch.float32, device=q.device)
-    dmem_v = torch.empty((batch, heads, row_blocks, head_dim, m), dtype=torch.float32, device=q.device)
-    if batch_heads > 0:
-        blocks, (tiles_per_split, splits), (tiles_per_program, programs) = _plans(
-            batch_heads, n, head_dim, q.dtype, q.device, num_splits
-        )
-        options = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-        dpartial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
-        _query_grad_kernel[(batch_heads, splits)](
-            q, dout, context, dq, dpartial, heads, n, tiles_per_split, head_dim**-0.5, *q.stride(), *dout.stride(),
-            D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
-        )  # fmt: skip
-        dcontext = torch.empty((batch_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
-        rowdot = torch.empty((batch_heads, head_dim), dtype=torch.float32, device=q.device)
-        mem_k32, mem_v32 = _float_memory(mem_k, lse), _float_memory(mem_v, lse)
-        _context_grad_combine_kernel[(batch_heads, row_blocks)](
-            dpartial, context, lse, mem_k32, mem_v32, dcontext, rowdot,
-            dmem_k if m > 0 else rowdot, dmem_v if m > 0 else rowdot,  # never written when M = 0
-            heads, splits, m, *mem_k32.stride(), *mem_v32.stride(),
-            D=head_dim, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING,
-        )  # fmt: skip
-        if n > 0:
-            _key_value_grad_kernel[(batch_heads, programs)](
-                k, v, lse, dcontext, rowdot, dk, dv, heads, n, tiles_per_program, *k.stride(), *v.stride(),
-                D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
-            )  # fmt: skip
-    # The memory slots are shared by the batch: fixed-order torch sums, no atomics.
-    return dq, dk, dv, dmem_k.sum(0).to(mem_k.dtype), dmem_v.sum((0, 2)).to(mem_v.dtype)
+    (heads, d, M) contiguous in mem_k's and mem_v's dtypes. dout (B, heads, d, N) any strides; context, lse from
+    the forward."""
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    dmem_k = torch.empty(mem_k.shape, dtype=mem_k.dtype, device=mem_k.device)
+    dmem_v = torch.empty(mem_v.shape, dtype=mem_v.dtype, device=mem_v.device)
+    _backward(dout, q, k, v, mem_k, mem_v, context, lse, num_splits, dq, dk, dv, dmem_k, dmem_v)
+    return dq, dk, dv, dmem_k, dmem_v
 
 
 @linear_attention_backward.register_fake
@@ -671,21 +764,96 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, mem_k, mem_v, context, lse)
     ctx.num_splits = num_splits
     ctx.mark_non_differentiable(context, lse)
+    # No zero tensors for the (absent) gradients of context and lse: two kernels per backward.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, _dcontext, _dlse):
+def _backward_rule(ctx, dout, _dcontext, _dlse):
+    if dout is None:
+        return (None,) * 6
     q, k, v, mem_k, mem_v, context, lse = ctx.saved_tensors
     grads = linear_attention_backward(dout, q, k, v, mem_k, mem_v, context, lse, ctx.num_splits)
     return (*grads, None)
 
 
-linear_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+linear_attention_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def unsupported_reason(q, k, v, mem_k, mem_v):
-    """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None."""
-    if q.shape[2] not in HEAD_DIMS:
-        return f"the linear attention kernels take head dims {HEAD_DIMS}, got {q.shape[2]}"
+@torch.library.custom_op("fastunet::packed_linear_attention_forward", mutates_args=())
+def packed_linear_attention_forward(
+    qkv: torch.Tensor, mem_kv: torch.Tensor, heads: int, num_splits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, context, lse) on the to_qkv output: qkv (B, 3*heads*d, H, W) any strides, mem_kv (2, heads, d, M) any
+    float dtype; out (B, heads*d, H, W) contiguous in qkv.dtype, context and lse as linear_attention_forward's."""
+    batch, channels, height, width = qkv.shape
+    q, k, v = _qkv_views(qkv, heads)
+    out = torch.empty((batch, channels // 3, height, width), dtype=qkv.dtype, device=qkv.device)
+    return (out, *_forward(q, k, v, mem_kv[0], mem_kv[1], num_splits, out.view(q.shape)))
+
+
+@packed_linear_attention_forward.register_fake
+def _(qkv, mem_kv, heads, num_splits):
+    batch, channels, height, width = qkv.shape
+    head_dim = channels // (3 * heads)
+    return (
+        qkv.new_empty((batch, channels // 3, height, width)),
+        qkv.new_empty((batch, heads, head_dim, head_dim), dtype=torch.float32),
+        qkv.new_empty((batch, heads, head_dim), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastunet::packed_linear_attention_backward", mutates_args=())
+def packed_linear_attention_backward(
+    dout: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor, context: torch.Tensor, lse: torch.Tensor,
+    heads: int, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d qkv, d mem_kv): d qkv (B, 3*heads*d, H, W) contiguous in qkv.dtype, one tensor (autograd joins nothing);
+    d mem_kv (2, heads, d, M) contiguous in mem_kv's dtype. dout (B, heads*d, H, W) any strides."""
+    q, k, v = _qkv_views(qkv, heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dmem_kv = torch.empty(mem_kv.shape, dtype=mem_kv.dtype, device=mem_kv.device)
+    dq, dk, dv = _qkv_views(dqkv, heads)
+    dout = dout.flatten(2).unflatten(1, q.shape[1:3])
+    _backward(dout, q, k, v, mem_kv[0], mem_kv[1], context, lse, num_splits, dq, dk, dv, dmem_kv[0], dmem_kv[1])
+    return dqkv, dmem_kv
+
+
+@packed_linear_attention_backward.register_fake
+def _(dout, qkv, mem_kv, context, lse, heads, num_splits):
+    return qkv.new_empty(qkv.shape), mem_kv.new_empty(mem_kv.shape)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, mem_kv, heads, num_splits = inputs
+    _, context, lse = output
+    ctx.save_for_backward(qkv, mem_kv, context, lse)
+    ctx.heads, ctx.num_splits = heads, num_splits
+    ctx.mark_non_differentiable(context, lse)
+    ctx.set_materialize_grads(False)
+
+
+def _packed_backward_rule(ctx, dout, _dcontext, _dlse):
+    if dout is None:
+        return (None,) * 4
+    qkv, mem_kv, context, lse = ctx.saved_tensors
+    dqkv, dmem_kv = packed_linear_attention_backward(dout, qkv, mem_kv, context, lse, ctx.heads, ctx.num_splits)
+    return dqkv, dmem_kv, None, None
+
+
+packed_linear_attention_forward.register_autograd(_packed_backward_rule, setup_context=_packed_setup_context)
+
+
+def unsupported_reason(*args):
+    """Why the kernels cannot take these inputs (the dispatcher then uses the reference), or None. Shared by the
+    module's two ops: `linear_attention`'s arguments (q, k, v, mem_k, mem_v) and `packed_linear_attention`'s
+    (qkv, mem_kv, heads), told apart by their number."""
+    if len(args) == 3:
+        qkv, _, heads = args
+        head_dim = qkv.shape[1] // (3 * heads)
+    else:
+        head_dim = args[0].shape[2]
+    if head_dim not in HEAD_DIMS:
+        return f"the linear attention kernels take head dims {HEAD_DIMS}, got {head_dim}"
     return None
 
 
@@ -701,32 +869,64 @@ def linear_attention(q, k, v, mem_k, mem_v, *, num_splits=0):
     return linear_attention_forward(q, k, v, mem_k, mem_v, num_splits)[0]
 
 
+def packed_linear_attention(qkv, mem_kv, heads, *, num_splits=0):
+    """`linear_attention` on the to_qkv output, with one gradient tensor for qkv and one for mem_kv.
+
+    qkv: (B, 3*heads*d, H, W) fp32/fp16/bf16, any strides: q, k, v are its channel chunks, each (heads, d) major
+    to minor; d in HEAD_DIMS. mem_kv: (2, heads, d, M), M >= 0, any float dtype, read in place.
+    Returns (B, heads*d, H, W) contiguous in qkv.dtype (what to_out reads).
+    """
+    return packed_linear_attention_forward(qkv, mem_kv, heads, num_splits)[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (tests/gpu_compile.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# Pointers to tensors of the input dtype; every other pointer is fp32.
+# Pointers to tensors of the input dtype; to the memory slots and their gradients (fp32 parameters under autocast,
+# the input dtype in a model converted with .half() / .bfloat16()); every other pointer is fp32.
 _INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+_MEMORY_POINTERS = {"mem_k_ptr", "mem_v_ptr", "dmem_k_ptr", "dmem_v_ptr"}
+# Integer arguments that are multiples of 16 in the Unet's layout whenever N = H*W is (every resolution from 4x4 up):
+# N, the batch, head and feature strides of the (B, heads, d, N) views of to_qkv (3*heads*d*N, d*N, N) and of the
+# tensors the kernels allocate, and the head strides of the memory slots (d*M, d >= 16). With PyTorch's 16-byte
+# aligned allocations (the to_qkv chunks and the mem_kv halves start a multiple of 16 bytes apart), a launch
+# marks exactly these and every pointer tt.divisibility=16.
+_DIVISIBLE_INTS = {"N", "stride_dqb", "stride_dqh", "stride_dkb", "stride_dkh", "stride_mkh", "stride_mvh",
+                   "stride_dmh"} | {f"stride_{t}{a}" for t in "qkvo" for a in "bhd"}
 
 
-def _signature(kernel, pointer_type, constexprs):
-    """Triton signature of `kernel` with inputs of `pointer_type`, `constexprs` fixed (strides of 1 included)."""
+def _signature(kernel, pointer_type, constexprs, memory_type="*fp32"):
+    """Triton signature of `kernel` with inputs of `pointer_type` and memory slots of `memory_type`, `constexprs`
+    fixed (strides of 1 included)."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = pointer_type if name in _INPUT_DTYPE_POINTERS else "*fp32"
+            signature[name] = (pointer_type if name in _INPUT_DTYPE_POINTERS else
+                               memory_type if name in _MEMORY_POINTERS else "*fp32")
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
     return signature
 
 
-def gpu_compile_configs():
-    """Every (kernel, signature, constexprs, options) a GPU launch can select: per input dtype and head dim.
+def _divisibility(kernel, signature):
+    """The `attrs` of a launch in the Unet's layout with N a multiple of 16: every pointer and _DIVISIBLE_INTS."""
+    return {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+            if signature[name] != "constexpr" and (signature[name].startswith("*") or name in _DIVISIBLE_INTS)}
 
-    Strides along positions are given as 1: Triton specializes them so for NCHW inputs (the Unet's layout).
+
+def gpu_compile_configs():
+    """Every (kernel, signature, constexprs, options, attrs) a GPU launch can select, per input dtype and head dim.
+
+    Strides along positions are given as 1: Triton specializes them so for NCHW inputs (the Unet's layout). The
+    streaming kernels compile without hints (attrs None: N not a multiple of 16, the worst case for registers)
+    and, for fp16/bf16, with the divisibility a launch at the Unet's shapes gets (vector loads); the key/value
+    kernel, which also writes the memory slots' gradients, with fp32 slots (autocast) and, aligned, with slots of
+    the input dtype (a .half()/.bfloat16() model). The combines, whose loads do not depend on N, compile aligned
+    (their pointers always are) for fp32, fp16 and bf16 memory slots.
     """
     configs = []
     for dtype, pointer_type in _POINTER_TYPES.items():
@@ -738,12 +938,24 @@ def gpu_compile_configs():
                 (_context_partial_kernel, ("stride_kn", "stride_vn")),
                 (_output_kernel, ("stride_qn",)),
                 (_query_grad_kernel, ("stride_qn", "stride_on")),
-                (_key_value_grad_kernel, ("stride_kn", "stride_vn")),
+                (_key_value_grad_kernel, ("stride_kn", "stride_vn", "stride_dmm")),
             ):
                 constexprs = {**dict.fromkeys(unit_strides, 1), **tile}
-                configs.append((kernel, _signature(kernel, pointer_type, constexprs), constexprs, options))
-    for head_dim in HEAD_DIMS:  # the combines read and write fp32 only
-        constexprs = {"D": head_dim, "ROWS": COMBINE_ROWS, "BLOCK_M": MEMORY_BLOCK, "UPCAST": False}
-        for kernel in (_context_combine_kernel, _context_grad_combine_kernel):
-            configs.append((kernel, _signature(kernel, "*fp32", constexprs), constexprs, {"num_warps": 4}))
+                if kernel is _key_value_grad_kernel:
+                    constexprs.update(ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK)
+                memory_types = ["*fp32"]
+                if kernel is _key_value_grad_kernel and dtype != torch.float32:
+                    memory_types.append(pointer_type)
+                for aligned in (False, True) if dtype != torch.float32 else (False,):
+                    for memory_type in memory_types if aligned else memory_types[:1]:
+                        signature = _signature(kernel, pointer_type, constexprs, memory_type)
+                        attrs = _divisibility(kernel, signature) if aligned else None
+                        configs.append((kernel, signature, constexprs, options, attrs))
+    for head_dim in HEAD_DIMS:
+        constexprs = {"D": head_dim, "ROWS": COMBINE_ROWS, "BLOCK_M": MEMORY_BLOCK, "UPCAST": False,
+                      "stride_mkm": 1, "stride_mvm": 1}
+        for memory_type in _POINTER_TYPES.values():
+            for kernel in (_context_combine_kernel, _context_grad_combine_kernel):
+                signature = _signature(kernel, "*fp32", constexprs, memory_type)
+                configs.append((kernel, signature, constexprs, {"num_warps": 4}, _divisibility(kernel, signature)))
     return configs

@@ -247,6 +247,179 @@ def test_torch_compile(device):
         assert_close(a, b, what=f"compiled {name}")
 
 
+def _packed_inputs(batch, heads, height, width, mem, head_dim, dtype, device, mem_dtype, channels_last, seed):
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, 3 * heads * head_dim, height, width, generator=generator).to(device, dtype)
+    if channels_last:
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    mem_kv = torch.randn(2, heads, mem, head_dim, generator=generator).to(device, mem_dtype)
+    grad = torch.randn(batch, heads * head_dim, height, width, generator=generator).to(device, dtype)
+    return qkv, mem_kv, grad
+
+
+def _unpack(qkv, mem_kv, heads):
+    """q, k, v (B, heads, N, d) and mem_k, mem_v of the packed inputs, as upstream's rearrange makes them."""
+    q, k, v = qkv.flatten(2).unflatten(1, (3, heads, -1)).transpose(-1, -2).unbind(1)
+    return [q, k, v, mem_kv[0], mem_kv[1]]
+
+
+@pytest.mark.parametrize("channels_last, dtype, mem_dtype, mem, head_dim", [
+    (False, torch.float32, torch.float32, 4, 32),
+    (True, torch.bfloat16, torch.float32, 4, 32),  # autocast: bf16 activations, fp32 memory slots
+    (False, torch.float16, torch.float16, 0, 16),
+    (True, torch.float32, torch.float32, 0, 16),
+    (False, torch.bfloat16, torch.float32, 3, 24),  # padded head dim
+], ids=str)
+def test_packed(channels_last, dtype, mem_dtype, mem, head_dim, device):
+    """packed_attention on the to_qkv output: output (B, heads*d, H, W) and gradients, one tensor of qkv's shape
+    and one of mem_kv's in its dtype, within the same budget as the unpacked op (module docstring) of the fp32
+    reference. Head dim 24 goes through the padded path."""
+    from fastunet.kernels.attention import packed_attention
+
+    heads, height, width = 2, 5, 7
+    qkv, mem_kv, grad = _packed_inputs(2, heads, height, width, mem, head_dim, dtype, device, mem_dtype,
+                                       channels_last, seed=9)
+    out, (dqkv, dmem_kv) = _run(lambda *t: packed_attention(*t, heads), [qkv, mem_kv], grad)
+    assert out.shape == grad.shape and out.dtype == dtype and out.is_contiguous()
+    assert dqkv.shape == qkv.shape and dqkv.dtype == dtype
+    assert dmem_kv.shape == mem_kv.shape and dmem_kv.dtype == mem_dtype
+    # The unpacked op's gradients on the same values, as views of one packed tensor, within its budget.
+    grad_views = grad.flatten(2).unflatten(1, (heads, -1)).transpose(-1, -2)
+    inputs = _unpack(qkv, mem_kv, heads)
+    expected_out, expected_grads = _run(reference_attention, [t.float() for t in inputs], grad_views.float())
+    if dtype == torch.float32:
+        low_out, low_grads = _attention_tf32(inputs, grad_views)
+    else:
+        low_out, low_grads = _run(_attention_in_dtype, inputs, grad_views)
+    dq, dk, dv = _unpack(dqkv, dmem_kv, heads)[:3]
+    actual = (out.flatten(2).unflatten(1, (heads, -1)).transpose(-1, -2), dq, dk, dv, dmem_kv[0], dmem_kv[1])
+    for name, a, e, low in zip(("out",) + GRAD_NAMES, actual, (expected_out,) + expected_grads,
+                               (low_out,) + low_grads):
+        if e.numel() == 0:
+            continue
+        budget = 2 * (low.float() - e).abs().max().item() + ULP[dtype] * e.abs().max().item()
+        assert_close(a.float(), e, what=f"packed {dtype} M{mem} d{head_dim}: {name}", atol=budget, rtol=0)
+
+
+def test_packed_deterministic(device):
+    """The memory-slot partials of every query block are summed in a fixed order in the dk/dv launch: two runs
+    agree bit for bit (several query blocks and batch elements)."""
+    from fastunet.kernels.attention import packed_attention
+
+    qkv, mem_kv, grad = _packed_inputs(3, 2, 9, 8, 4, 32, torch.bfloat16, device, torch.float32, False, seed=10)
+    first = _run(lambda *t: packed_attention(*t, 2), [qkv, mem_kv], grad)
+    second = _run(lambda *t: packed_attention(*t, 2), [qkv, mem_kv], grad)
+    for name, a, b in zip(("out", "dqkv", "dmem_kv"), (first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+def test_packed_opcheck(device):
+    qkv, mem_kv, grad = _packed_inputs(1, 2, 4, 5, 4, 16, torch.float32, device, torch.float32, False, seed=11)
+    forward_args = [qkv.requires_grad_(), mem_kv.requires_grad_(), 2, 16**-0.5]
+    torch.library.opcheck(torch.ops.fastunet.packed_attention_forward.default, forward_args)
+    with torch.no_grad():
+        out, lse = torch.ops.fastunet.packed_attention_forward(*forward_args)
+    backward_args = [grad, qkv.detach(), mem_kv.detach(), out, lse, 2, 16**-0.5]
+    torch.library.opcheck(torch.ops.fastunet.packed_attention_backward.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_packed_dropout_not_ignored(device):
+    """A nonzero dropout never runs silently without it: the kernel raises, the dispatcher under "triton" raises
+    naming it, and "auto" runs the reference, which applies it (outputs differ from the dropout-free ones)."""
+    import fastunet
+    from fastunet import functional
+    from fastunet.kernels.attention import packed_attention
+
+    qkv, mem_kv, _ = _packed_inputs(1, 2, 4, 4, 4, 16, torch.float32, device, torch.float32, False, seed=12)
+    with pytest.raises(ValueError, match="dropout"):
+        packed_attention(qkv, mem_kv, 2, dropout=0.5)
+    with fastunet.use_backend("triton"), pytest.raises(RuntimeError, match="dropout"):
+        functional.packed_attention(qkv, mem_kv, 2, dropout=0.5)
+    torch.manual_seed(0)
+    dropped = functional.packed_attention(qkv, mem_kv, 2, dropout=0.5)
+    assert not torch.allclose(dropped, functional.packed_attention(qkv, mem_kv, 2))
+
+
+# Upstream 2.3.4's Attention: every submodule name, as named_modules() lists them.
+UPSTREAM_ATTENTION_MODULES = {"", "norm", "attend", "attend.attn_dropout", "to_qkv", "to_out"}
+
+
+def test_upstream_module_names():
+    """Every module name of upstream's Attention exists in fastunet's, the same state_dict keys (Attend has no
+    parameters), checked against the installed upstream when it imports."""
+    from fastunet.attention import Attention
+
+    ours = Attention(32, heads=2, dim_head=16)
+    names = {name for name, _ in ours.named_modules()}
+    assert UPSTREAM_ATTENTION_MODULES <= names, UPSTREAM_ATTENTION_MODULES - names
+    upstream = pytest.importorskip("denoising_diffusion_pytorch.denoising_diffusion_pytorch")
+    theirs = upstream.Attention(32, heads=2, dim_head=16)
+    assert {name for name, _ in theirs.named_modules()} == UPSTREAM_ATTENTION_MODULES
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_attend_attributes(device):
+    """Upstream's Attend attributes have upstream's effect: `flash` selects SDPA on the reference path (same values
+    as the einsum path), and a nonzero dropout in training applies dropout (the auto backend runs the reference)
+    or, with backend "triton", raises; in eval it is off."""
+    import fastunet
+    from fastunet.attention import Attention
+
+    torch.manual_seed(0)
+    layer = Attention(32, heads=2, dim_head=16).to(device)
+    x = torch.randn(2, 32, 4, 4, device=device)
+    with fastunet.use_backend("reference"):
+        plain = layer(x)
+        layer.attend.flash = True
+        assert layer.flash
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            flash = layer(x)
+    assert_close(flash, plain, what="flash vs einsum")
+    for attribute in ("flash", "dropout"):
+        layer.attend.flash = attribute == "flash"
+        if attribute == "flash":
+            layer.attend.dropout = 0.5
+        else:
+            layer.attend.attn_dropout.p = 0.5
+        layer.train()
+        with fastunet.use_backend("triton"), pytest.raises(RuntimeError, match="dropout"):
+            layer(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(layer(x), plain), f"{attribute}: dropout had no effect"
+        layer.eval()
+        assert_close(layer(x), plain, what=f"{attribute}: eval has no dropout")
+        layer.attend.dropout, layer.attend.attn_dropout.p = 0.0, 0.0
+
+
+def test_layer_kernel_count():
+    """One Attention layer forward+backward as the Unet calls it (bf16 autocast, bf16 activations, the residual
+    added), convolutions included: at most 22 GPU kernels (33 counted by the issue before the packed ops; 26 by
+    bench/kernel_count.py before, 15 after), and no join, zero-fill or sum of the attention's gradients."""
+    from kernel_count import count_gpu_kernels
+
+    import fastunet
+    from fastunet.attention import Attention
+
+    layer = Attention(32, heads=2, dim_head=16)
+    x = torch.randn(2, 32, 4, 4).bfloat16().requires_grad_()
+    grad = torch.randn(2, 32, 4, 4).bfloat16()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x, residual=x)
+        y.backward(grad)
+
+    with fastunet.use_backend("triton"):
+        counted = count_gpu_kernels(step)
+    assert counted.total <= 22, counted.summary(top=30)
+    assert not {"aten::stack", "aten::cat", "aten::zeros", "aten::zeros_like"} & set(counted.by_name), \
+        counted.summary(top=30)
+    triton_launches = sum(n for name, n in counted.by_name.items() if "attention" in name)
+    assert triton_launches == 3, counted.summary(top=30)  # forward, dq (with delta), dk/dv (with the slots)
+
+
 KERNEL_NAMES = {kernel: name for name, kernel in kernel_module._KERNELS.items()}
 # sm_86, sm_89 and sm_120 run the sm_80 table (see _table_arch) with 99 KiB of shared memory per block.
 SM80_TABLE_SHARED_LIMIT = 101376
@@ -284,32 +457,31 @@ def test_gpu_compile():
                 problems.append(f"{where}: {record['spills']} bytes of spills ({record['registers']} registers)")
             if exempt and not record["spills"]:
                 problems.append(f"{where}: no longer spills; remove it from SM80_SPILLS_ALLOWED")
-            if name != "delta" and not record["tensor_cores"]:
+            if not record["tensor_cores"]:
                 problems.append(f"{where}: no tensor-core instruction (mma/wgmma)")
     assert not problems, "\n".join(problems)
 
 
 def test_gpu_compile_coverage():
     """The compile test covers, for each architecture's table, every configuration a launch selects, unaligned and
-    (16-bit) aligned, and the autocast specialization (fp32 memory slots) of every kernel that reads the slots."""
+    (16-bit) aligned, and the autocast specialization (fp32 memory slots, read or written by every kernel)."""
     for arch in (80, 90):
         listed = set()
         for kernel, signature, constexprs, options, attrs in configurations(kernel_module, arch):
             name = KERNEL_NAMES[kernel]
-            tiles = (constexprs["BLOCK_M"], constexprs.get("BLOCK_MEM" if name == "memory" else "BLOCK_N"),
-                     options["num_warps"], options.get("num_stages"))
-            listed.add((name, signature.get("Q", signature.get("OUT")), signature.get("MEM_K"),
+            tiles = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"], options.get("num_stages"))
+            listed.add((name, signature.get("Q", signature.get("OUT")), signature.get("MEM_K", signature.get("DMEM_K")),
                         constexprs["HEAD_DIM"], tiles, bool(attrs)))
             if attrs:
                 assert all(signature[kernel.arg_names[i]] != "constexpr" for (i,) in attrs), "hint on a constant"
         table = kernel_module._GPU_CONFIGS[kernel_module._table_arch(arch)]
         for dtype, pointer in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
             for head_dim in kernel_module.HEAD_DIMS:
-                for name in ("forward", "dkdv", "memory", "dq"):
+                for name in ("forward", "dkdv", "dq"):
                     tiles = table[name][kernel_module._dot_precision(dtype)][head_dim]
                     for aligned in (False, True) if dtype != torch.float32 else (False,):
                         memories = ("*fp32",) if dtype == torch.float32 else (pointer, "*fp32")
-                        for memory in memories if name != "dkdv" else (None,):
+                        for memory in memories:
                             assert (name, pointer, memory, head_dim, tiles, aligned) in listed, \
                                 (arch, name, pointer, memory, head_dim, tiles, aligned)
     assert kernel_module._table_arch(86) == kernel_module._table_arch(120) == 80

@@ -21,3 +21,16 @@ def linear_attention(q, k, v, mem_k, mem_v):
     context = torch.einsum("b h d n, b h e n -> b h d e", keys.softmax(dim=-1), values) * dim_head**-0.5
     out = torch.einsum("b h d e, b h d n -> b h e n", context, upcast(q).softmax(dim=-2))
     return out.to(q.dtype)
+
+
+def packed_linear_attention(qkv, mem_kv, heads):
+    """`linear_attention` on the to_qkv output, as upstream's LinearAttention splits it.
+
+    qkv: (B, 3*heads*d, H, W), any strides: q, k, v are its channel chunks, each (heads, d) major to minor.
+    mem_kv: (2, heads, d, M), any float dtype: memory keys, then values.
+    Returns (B, heads*d, H, W) in qkv.dtype.
+    """
+    batch, channels, height, width = qkv.shape
+    q, k, v = qkv.flatten(2).unflatten(1, (3, heads, channels // (3 * heads))).unbind(1)
+    out = linear_attention(q, k, v, mem_kv[0], mem_kv[1])
+    return out.reshape(batch, channels // 3, height, width)

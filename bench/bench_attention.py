@@ -4,8 +4,8 @@ Targets (H100, /work/shared/performance.md): forward >= 250 TFLOP/s and backward
 and >= 1.1x the best SDPA backend at N in {64, 256, 1024, 4096}.
 
 Implementations, each on the same shapes:
-- triton: fastunet.kernels.attention.attention on q, k, v viewed from a (B, 3*heads*d, H, W) to_qkv output (the
-  Unet's layout, positions contiguous), memory slots read from their own tensor;
+- triton: fastunet.kernels.attention.packed_attention on the (B, 3*heads*d, H, W) to_qkv output itself (the
+  Unet's layout and call: one dqkv and one dmem_kv gradient), memory slots read from their own tensor;
 - reference / reference_compiled: fastunet.reference.attention (fp32 einsum math), eager and torch.compile'd;
 - sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math: torch's scaled_dot_product_attention restricted to one
   backend with torch.nn.attention.sdpa_kernel. SDPA takes one key tensor, so the memory slots are concatenated to
@@ -17,7 +17,9 @@ gradient). FLOPs: 4*B*heads*N*(N+M)*d for the forward, 2.5 times that for the ba
 forward_backward. The TFLOP/s in extra_info come from the device median (triton.testing.do_bench).
 
 The group baseline (relative speeds printed after the table, see bench/conftest.py) is sdpa_flash.
-Everything skips without a CUDA GPU.
+Everything skips without a CUDA GPU. On any machine, `python bench/bench_attention.py` prints the GPU kernels of
+one forward+backward of the op and of one Attention layer as the Unet calls it (bench/kernel_count.py, through
+the Triton interpreter on CPU).
 """
 
 import math
@@ -106,9 +108,14 @@ def test_attention(benchmark, implementation, n, mode):
         else:
             fn = _reference_compiled()
         leaves = [qkv, mem_kv]
+        if implementation == "triton":
+            from fastunet.kernels.attention import packed_attention
 
-        def call():
-            return fn(*_split(qkv, mem_kv))
+            def call():
+                return packed_attention(qkv, mem_kv, HEADS)
+        else:
+            def call():
+                return fn(*_split(qkv, mem_kv))
 
     step = pass_step(call, leaves, mode)
 
@@ -118,10 +125,50 @@ def test_attention(benchmark, implementation, n, mode):
         # The launch configurations of this GPU's table (BLOCK_M, BLOCK_N, num_warps, num_stages), for the record.
         from fastunet.kernels import attention as kernel_module
 
-        kernels = ("forward", "dkdv", "dq", "memory") if requires_grad else ("forward",)
+        kernels = ("forward", "dq", "dkdv") if requires_grad else ("forward",)
         info["tiles"] = {k: kernel_module._config(k, torch.bfloat16, HEAD_DIM, qkv.device) for k in kernels}
     run_benchmark(benchmark, step, flops=forward_flops * (3.5 if requires_grad else 1.0), rounds=10,
                   baseline=implementation == "sdpa_flash", batch=BATCH[n], heads=HEADS, n=n, mem=MEM,
                   head_dim=HEAD_DIM, dtype="bfloat16", **info)
     del qkv, mem_kv, leaves
     torch.cuda.empty_cache()
+
+
+def kernel_counts(batch=2, heads=2, dim_head=16, side=4):
+    """{what: KernelCount} of one forward+backward of the packed op (bf16, fp32 memory slots) and of one Attention
+    layer under bf16 autocast with the residual, as the Unet calls it, on the Triton backend."""
+    from kernel_count import count_gpu_kernels
+
+    import fastunet
+    from fastunet.attention import Attention
+    from fastunet.kernels.attention import packed_attention
+
+    qkv = torch.randn(batch, 3 * heads * dim_head, side, side).bfloat16().requires_grad_()
+    mem_kv = torch.randn(2, heads, MEM, dim_head, requires_grad=True)
+    layer = Attention(heads * dim_head, heads=heads, dim_head=dim_head)
+    x = torch.randn(batch, heads * dim_head, side, side).bfloat16().requires_grad_()
+    grad = torch.ones_like(x)  # made outside the counted steps
+
+    def op_step():
+        out = packed_attention(qkv, mem_kv, heads)
+        torch.autograd.grad(out, (qkv, mem_kv), grad)
+
+    def layer_step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = layer(x, residual=x)
+        y.backward(grad)
+
+    with fastunet.use_backend("triton"):
+        return {"packed_attention forward+backward": count_gpu_kernels(op_step),
+                "Attention layer forward+backward (bf16 autocast, residual)": count_gpu_kernels(layer_step)}
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastunet is imported
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    for what, counted in kernel_counts().items():
+        print(f"{what}: {counted.summary(top=20)}")

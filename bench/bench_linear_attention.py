@@ -4,9 +4,10 @@ Target (H100, /work/shared/performance.md): B 32, 4 heads, d 32, N 16384 (128x12
 forward >= 70% of HBM bandwidth, forward+backward >= 3x eager.
 
 Implementations, each on the same inputs:
-- triton: fastunet.kernels.linear_attention.linear_attention;
-- reference / reference_compiled: fastunet.reference.linear_attention (fp32 math), eager (the group baseline,
-  see bench/conftest.py) and under torch.compile.
+- triton: fastunet.kernels.linear_attention.packed_linear_attention on the to_qkv output itself (one dqkv and
+  one dmem_kv gradient, as the Unet calls it);
+- reference / reference_compiled: fastunet.reference.packed_linear_attention (fp32 math), eager (the group
+  baseline, see bench/conftest.py) and under torch.compile.
 Inputs as the Unet makes them: q, k, v are views of a to_qkv output (B, 3*heads*d, H, W), NCHW, in the benchmark
 dtype; the memory slots mem_kv (2, heads, d, M) are fp32, as the parameter stays under autocast.
 Passes: "forward" (no grad) and "forward_backward" (forward, then the gradients of qkv and mem_kv from a fixed
@@ -14,7 +15,9 @@ output gradient).
 Bytes (the minimum HBM traffic, memory slots and d x d statistics neglected), T = B*heads*d*N elements:
 forward reads q, k, v and writes out: 4 T; the backward reads q, k, v, dout and writes dq, dk, dv: 7 T; so
 forward_backward counts 11 T. GB/s and %HBM in extra_info come from the device median (triton.testing.do_bench).
-Everything skips without a CUDA GPU.
+Everything skips without a CUDA GPU. On any machine, `python bench/bench_linear_attention.py` prints the GPU
+kernels of one forward+backward of the op and of one LinearAttention layer as the Unet calls it
+(bench/kernel_count.py, through the Triton interpreter on CPU).
 """
 
 import math
@@ -38,15 +41,15 @@ _compiled_reference = None
 def _implementation(name):
     global _compiled_reference
     if name == "triton":
-        from fastunet.kernels.linear_attention import linear_attention
+        from fastunet.kernels.linear_attention import packed_linear_attention
 
-        return linear_attention
-    from fastunet.reference import linear_attention
+        return packed_linear_attention
+    from fastunet.reference import packed_linear_attention
 
     if name == "reference":
-        return linear_attention
+        return packed_linear_attention
     if _compiled_reference is None:
-        _compiled_reference = torch.compile(linear_attention)
+        _compiled_reference = torch.compile(packed_linear_attention)
     return _compiled_reference
 
 
@@ -56,14 +59,8 @@ def _inputs(dtype, n, requires_grad):
     generator = torch.Generator(device="cuda").manual_seed(0)
     qkv = torch.randn(BATCH, 3 * HEADS * HEAD_DIM, side, side, device="cuda", dtype=dtype, generator=generator)
     mem_kv = torch.randn(2, HEADS, HEAD_DIM, MEM, device="cuda", generator=generator)
-    grad = torch.randn(BATCH, HEADS, HEAD_DIM, n, device="cuda", dtype=dtype, generator=generator)
+    grad = torch.randn(BATCH, HEADS * HEAD_DIM, side, side, device="cuda", dtype=dtype, generator=generator)
     return qkv.requires_grad_(requires_grad), mem_kv.requires_grad_(requires_grad), grad
-
-
-def _split(qkv, mem_kv):
-    """q, k, v (B, heads, d, H*W) views of qkv, as upstream's rearrange makes them, and mem_k, mem_v."""
-    q, k, v = (t.view(BATCH, HEADS, HEAD_DIM, -1) for t in qkv.chunk(3, dim=1))
-    return q, k, v, mem_kv[0], mem_kv[1]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -76,7 +73,7 @@ def test_linear_attention(benchmark, implementation, case, mode):
     qkv, mem_kv, grad = _inputs(dtype, n, requires_grad)
     fn = _implementation(implementation)
 
-    step = pass_step(lambda: fn(*_split(qkv, mem_kv)), (qkv, mem_kv), mode, grad)
+    step = pass_step(lambda: fn(qkv, mem_kv, HEADS), (qkv, mem_kv), mode, grad)
 
     tensor_bytes = BATCH * HEADS * HEAD_DIM * n * qkv.element_size()
     run_benchmark(benchmark, step, bytes_moved=TENSORS_MOVED[mode] * tensor_bytes, rounds=10,
@@ -84,3 +81,43 @@ def test_linear_attention(benchmark, implementation, case, mode):
                   mem=MEM, dtype=str(dtype))  # fmt: skip
     del qkv, mem_kv, grad
     torch.cuda.empty_cache()
+
+
+def kernel_counts(batch=2, heads=2, dim_head=16, side=8):
+    """{what: KernelCount} of one forward+backward of the packed op (bf16, fp32 memory slots) and of one
+    LinearAttention layer under bf16 autocast with the residual, as the Unet calls it, on the Triton backend."""
+    from kernel_count import count_gpu_kernels
+
+    import fastunet
+    from fastunet.attention import LinearAttention
+    from fastunet.kernels.linear_attention import packed_linear_attention
+
+    qkv = torch.randn(batch, 3 * heads * dim_head, side, side).bfloat16().requires_grad_()
+    mem_kv = torch.randn(2, heads, dim_head, MEM, requires_grad=True)
+    layer = LinearAttention(heads * dim_head, heads=heads, dim_head=dim_head)
+    x = torch.randn(batch, heads * dim_head, side, side).bfloat16().requires_grad_()
+    grad = torch.ones_like(x)  # made outside the counted steps
+
+    def op_step():
+        out = packed_linear_attention(qkv, mem_kv, heads)
+        torch.autograd.grad(out, (qkv, mem_kv), grad)
+
+    def layer_step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = layer(x, residual=x)
+        y.backward(grad)
+
+    with fastunet.use_backend("triton"):
+        return {"packed_linear_attention forward+backward": count_gpu_kernels(op_step),
+                "LinearAttention layer forward+backward (bf16 autocast, residual)": count_gpu_kernels(layer_step)}
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastunet is imported
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    for what, counted in kernel_counts().items():
+        print(f"{what}: {counted.summary(top=20)}")

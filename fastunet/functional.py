@@ -3,12 +3,17 @@
 Every function here checks its inputs (raising before any computation), asks fastunet.backend which
 implementation to use, and calls it. Both implementations take the same arguments and return the same
 shapes and dtypes; the reference in fastunet.reference defines the result.
+
+The Triton kernels are imported with this module, not at the first call: torch.compile cannot trace an import
+inside forward (Dynamo refuses importlib), and resolving every op here leaves nothing in the per-call path but
+dictionary lookups and comparisons, which trace without a graph break. Triton decides between interpreter and
+compiler when a kernel is decorated, so TRITON_INTERPRET must be set before fastunet is imported (as before).
 """
 
 import importlib
 
 from fastunet import reference
-from fastunet.backend import requested_backend, use_triton
+from fastunet.backend import TRITON_INSTALLED, requested_backend, use_triton
 from fastunet.checks import check_same_device, check_tensor, float64_reason
 
 # op name -> module of fastunet.kernels that implements it with Triton (a function of the same name).
@@ -22,22 +27,36 @@ TRITON_KERNELS = {
 }
 
 
+def _resolve_triton_kernels():
+    """op name -> (Triton function, its module's `unsupported_reason` or None); empty without triton."""
+    if not TRITON_INSTALLED:
+        return {}
+    resolved = {}
+    for op_name, module_name in TRITON_KERNELS.items():
+        module = importlib.import_module(module_name)
+        resolved[op_name] = (getattr(module, op_name), getattr(module, "unsupported_reason", None))
+    return resolved
+
+
+TRITON_FUNCTIONS = _resolve_triton_kernels()
+
+
 def _implementation(op_name, device, args):
     """The function that runs `op_name` on `device` for these arguments under the backend in force.
 
     A kernel module may define `unsupported_reason(*args)`, naming inputs its kernels do not take (e.g. a head dim
     the tiles cannot hold): "auto" then runs the reference for that call, and "triton" raises with the reason.
+    The reference is looked up on each call (tests replace it); it is an attribute read, traceable.
     """
     if not use_triton(op_name, device):
         return getattr(reference, op_name)
-    module = importlib.import_module(TRITON_KERNELS[op_name])
-    unsupported_reason = getattr(module, "unsupported_reason", None)
+    kernel, unsupported_reason = TRITON_FUNCTIONS[op_name]
     why = float64_reason(args) or (unsupported_reason(*args) if unsupported_reason is not None else None)
     if why:
         if requested_backend() == "triton":
             raise RuntimeError(f"fastunet backend 'triton' was requested for {op_name}, but {why}")
         return getattr(reference, op_name)
-    return getattr(module, op_name)
+    return kernel
 
 
 def _check_scale_shift(where, x, scale, shift):

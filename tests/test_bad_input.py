@@ -82,6 +82,8 @@ def test_upstream_2_checkpoint_into_group_model_names_the_fix():
     [
         (lambda: functional.group_norm_act(torch.randn(2, 6, 4, 4), None, None, 4), ValueError,
          r"expected groups to be a positive int dividing the 6 channels, got 4"),
+        (lambda: functional.group_norm_act(torch.randn(2, 6, 1, 1), None, None, 6), ValueError,
+         r"expected more than one value per group \(C / groups \* H \* W\), got 1 for x of shape \(2, 6, 1, 1\)"),
         (lambda: functional.group_norm_act(torch.randn(2, 6, 4, 4), torch.ones(5), None, 3), ValueError,
          r"expected weight of shape \(6\), got \(5,\)"),
         (lambda: functional.group_norm_act(torch.randn(2, 6, 4, 4), None, None, 3, scale=torch.ones(3, 6)), ValueError,

@@ -1,11 +1,16 @@
 """Which implementation runs the fused ops: Triton kernels or the pure-PyTorch reference.
 
-Selection, strongest first: the innermost `use_backend(name)` context, then the environment variable
-`FASTUNET_BACKEND`, then "auto". Names:
+Selection, strongest first: the innermost `use_backend(name)` context (per thread), then the environment
+variable `FASTUNET_BACKEND` as it was when fastunet was imported, then "auto". Names:
 - "auto": Triton for CUDA tensors, and for CPU tensors when the Triton interpreter is on
   (`TRITON_INTERPRET=1` when fastunet was imported); the reference otherwise.
 - "triton": always Triton; a tensor Triton cannot run on is an error, never a silent fallback.
 - "reference": always the pure-PyTorch reference.
+
+torch.compile: everything here traces without a graph break. Dynamo reads the thread-local stack of
+use_backend() and guards on it, so a compiled model recompiles (never silently reuses a graph) when it runs
+under another backend. The environment variable is read once, at import, because Dynamo does not guard on
+os.environ: a value read inside forward would be baked into the graph.
 """
 
 import contextlib
@@ -30,12 +35,16 @@ def _check_name(name, origin):
     return name
 
 
+# A bad value fails `import fastunet`, naming the variable, rather than the first forward.
+ENVIRONMENT_BACKEND = _check_name(os.environ.get(ENV_VAR, "auto").strip().lower(), f"${ENV_VAR}")
+
+
 def requested_backend():
-    """The backend name in force: the innermost use_backend(), else $FASTUNET_BACKEND, else "auto"."""
+    """The backend name in force: the innermost use_backend(), else $FASTUNET_BACKEND at import, else "auto"."""
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1]
-    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower(), f"${ENV_VAR}")
+    return ENVIRONMENT_BACKEND
 
 
 @contextlib.contextmanager

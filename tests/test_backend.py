@@ -26,14 +26,32 @@ def test_unknown_backend_name():
             pass
 
 
-def test_environment_variable(monkeypatch):
-    monkeypatch.setenv("FASTUNET_BACKEND", "reference")
-    assert backend.requested_backend() == "reference"
-    monkeypatch.setenv("FASTUNET_BACKEND", "fastest")
-    with pytest.raises(ValueError, match=r"\$FASTUNET_BACKEND: expected one of .* got 'fastest'"):
-        backend.requested_backend()
-    with fastunet.use_backend("auto"):  # the context manager wins over the variable
-        assert backend.requested_backend() == "auto"
+def _import_in_fresh_process(code, **environment):
+    """Run `code` after `import fastunet` in a new interpreter with only `environment` set; (stdout, stderr)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", **environment}
+    run = subprocess.run([sys.executable, "-c", "import fastunet\n" + code], capture_output=True, text=True, env=env)
+    return run.stdout, run.stderr
+
+
+def test_environment_variable_is_read_at_import():
+    # Read once at import: torch.compile does not guard on os.environ, so a later change must not be half-seen.
+    code = (
+        "import os\n"
+        "from fastunet import backend\n"
+        "print('AT_IMPORT', backend.requested_backend())\n"
+        "os.environ['FASTUNET_BACKEND'] = 'triton'\n"
+        "print('AFTER', backend.requested_backend())\n"
+        "with fastunet.use_backend('auto'):\n"  # the context manager wins over the variable
+        "    print('CONTEXT', backend.requested_backend())\n"
+    )
+    stdout, stderr = _import_in_fresh_process(code, FASTUNET_BACKEND="Reference ")
+    assert stdout.split() == ["AT_IMPORT", "reference", "AFTER", "reference", "CONTEXT", "auto"], stderr
+
+
+def test_bad_environment_variable_fails_the_import():
+    stdout, stderr = _import_in_fresh_process("print('IMPORTED')", FASTUNET_BACKEND="fastest")
+    assert "IMPORTED" not in stdout
+    assert "$FASTUNET_BACKEND: expected one of ('auto', 'triton', 'reference'), got 'fastest'" in stderr, stderr
 
 
 def test_reference_backend_runs_the_reference(monkeypatch):

@@ -424,28 +424,41 @@ def _context_grad_combine_kernel(
 
 @triton.jit
 def _key_value_grad_program(
-    pid_bh, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N, tiles_per_program,
+    pid_bh, row_part, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N, tiles_per_program,
     stride_kb, stride_kh, stride_kd, stride_kn, stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dk, dv of the tiles of positions of program (pid_bh, program_id(1)); see _key_value_grad_kernel."""
+    """dk, dv of rows [row_part * D / ROW_SPLIT, +D / ROW_SPLIT) of the tiles of program (pid_bh, program_id(1)).
+
+    The loop-invariant d x d operands (dcontext rows, dcontext^T rows, and for 16-bit their hi/lo halves) stay in
+    shared memory through the loop: at D = 128 that is 96 KiB (16-bit) or 128 KiB (fp32), over the 99 KB of
+    sm_86/89/120. ROW_SPLIT = 2 gives each program half the rows of those operands (and of dk, dv), at the cost
+    of reading the k and v tiles twice."""
     batch = pid_bh // heads
     head = pid_bh % heads
     DOT_DTYPE: tl.constexpr = k_ptr.dtype.element_ty
+    ROWS_OUT: tl.constexpr = D // ROW_SPLIT
     offs_d = tl.arange(0, D)
+    rows = row_part * ROWS_OUT + tl.arange(0, ROWS_OUT)
     offs_n = tl.arange(0, BLOCK_N)
-    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    head_offset = batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    k_base = k_ptr + head_offset + offs_d[:, None] * stride_kd
+    k_rows_base = k_ptr + head_offset + rows[:, None] * stride_kd
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
-    grad_offset = batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh + offs_d[:, None] * N
+    grad_offset = batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh + rows[:, None] * N
     dk_base = dk_ptr + grad_offset
     dv_base = dv_ptr + grad_offset
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * D + offs_d)
-    rowdot = tl.load(rowdot_ptr + pid_bh.to(tl.int64) * D + offs_d)
-    dcontext = tl.load(dcontext_ptr + pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
+    lse_rows = tl.load(lse_ptr + pid_bh.to(tl.int64) * D + rows)
+    rowdot = tl.load(rowdot_ptr + pid_bh.to(tl.int64) * D + rows)
+    dcontext_base = dcontext_ptr + pid_bh.to(tl.int64) * D * D
+    dcontext = tl.load(dcontext_base + rows[:, None] * D + offs_d[None, :])  # [c, e], this program's rows c
+    dcontext_t = tl.load(dcontext_base + offs_d[None, :] * D + rows[:, None])  # [e, c], this program's rows e
     # Rounded once for the loop's products, after division by a power of two at least its largest magnitude:
     # dcontext sums dout over all positions and can pass fp16's 65504 under loss scaling while dk and dv do not.
     dscale = _power_of_two_scale(dcontext)
-    dcontext_t = (tl.trans(dcontext) / dscale).to(DOT_DTYPE)
+    dscale_t = _power_of_two_scale(dcontext_t)
+    dcontext_t = (dcontext_t / dscale_t).to(DOT_DTYPE)
     dcontext_hi, dcontext_lo = _hi_lo(dcontext / dscale, DOT_DTYPE)
 
     first_tile = tl.program_id(1) * tiles_per_program
@@ -457,9 +470,14 @@ def _key_value_grad_program(
         values = tl.load(v_base + pos[None, :] * stride_vn, mask=in_seq, other=0.0)
         # Position-softmax backward: dks = dcontext V, dk = ks (dks - sum_j ks dks), dv = dcontext^T ks.
         key_probs = tl.exp(keys - lse[:, None])
+        if ROW_SPLIT == 1:
+            key_probs_rows = key_probs
+        else:  # this program's rows of ks, from a second (cached) load of those rows of the tile
+            keys_rows = tl.load(k_rows_base + pos[None, :] * stride_kn, mask=in_seq, other=float("-inf"))
+            key_probs_rows = tl.exp(keys_rows.to(tl.float32) - lse_rows[:, None])
         dkey_probs = _dot_hi_lo(dcontext_hi, dcontext_lo, values, DOT_DTYPE, UPCAST) * dscale
-        dkeys = key_probs * (dkey_probs - rowdot[:, None])
-        dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale
+        dkeys = key_probs_rows * (dkey_probs - rowdot[:, None])
+        dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale_t
         tl.store(dk_base + pos[None, :], dkeys.to(dk_ptr.dtype.element_ty), mask=in_seq)
         tl.store(dv_base + pos[None, :], dvalues.to(dv_ptr.dtype.element_ty), mask=in_seq)
 
@@ -508,7 +526,8 @@ def _key_value_grad_kernel(
     dmem_k_ptr,  # out: (heads, D, M) memory-key gradient in the slots' dtype, strides stride_dm*
     dmem_v_ptr,  # out: (heads, D, M) memory-value gradient in the slots' dtype, dmem_k's strides
     batch_size,  # B
-    heads,  # number of heads (program axis 0 enumerates b * heads + h, then one reduction row per head if M > 0)
+    heads,  # number of heads (program axis 0 enumerates (b * heads + h) * ROW_SPLIT + row part, then one
+            # reduction row per head if M > 0)
     N,  # positions in k and v
     M,  # memory slots, >= 0
     tiles_per_program,  # BLOCK_N-tiles of positions per program along axis 1
@@ -520,17 +539,19 @@ def _key_value_grad_kernel(
     BLOCK_N: tl.constexpr,  # positions per tile
     ROWS: tl.constexpr,  # rows per combine program (the row blocks of dmem_v_part)
     BLOCK_M: tl.constexpr,  # memory slots per tile
+    ROW_SPLIT: tl.constexpr,  # programs per (b, head) and tile, each with D / ROW_SPLIT rows (1 or 2)
     UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
 ):
     """The backward's last launch: dk, dv of every (b, head), and after them, one program row per head that
     reduces the memory-slot gradients (the torch sums and casts this replaces were four kernels)."""
-    pid_bh = tl.program_id(0)
-    if pid_bh < batch_size * heads:
-        _key_value_grad_program(pid_bh, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N,
+    pid = tl.program_id(0)
+    if pid < batch_size * heads * ROW_SPLIT:
+        _key_value_grad_program(pid // ROW_SPLIT, pid % ROW_SPLIT, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N,
                                 tiles_per_program, stride_kb, stride_kh, stride_kd, stride_kn,
-                                stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh, D, BLOCK_N, UPCAST)
+                                stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh, D, BLOCK_N,
+                                ROW_SPLIT, UPCAST)
     else:
-        _memory_grad_reduce_program(pid_bh - batch_size * heads, dmem_k_part_ptr, dmem_v_part_ptr, dmem_k_ptr,
+        _memory_grad_reduce_program(pid - batch_size * heads * ROW_SPLIT, dmem_k_part_ptr, dmem_v_part_ptr, dmem_k_ptr,
                                     dmem_v_ptr, batch_size, heads, M, stride_dmh, stride_dmd, stride_dmm, D, ROWS,
                                     BLOCK_M)
 
@@ -545,10 +566,22 @@ class _Blocks:
     block_n: int  # positions per tile
     num_warps: int
     num_stages: int
+    row_split: int = 1  # key/value-gradient programs per (b, head) and tile, each with D / row_split rows
 
 
-def _gpu_blocks(head_dim, dtype):
-    """Tile shape and launch options on the GPU for a head dim and input dtype (the only things they depend on).
+# Largest shared memory per block (opt-in) of the architectures the tables are checked for, in bytes, as
+# torch.cuda.get_device_properties(...).shared_memory_per_block_optin reports it: A100, RTX 30xx / 40xx, H100,
+# RTX 50xx. The compile tests (tests/gpu_compile.py) check every configuration against the same limits.
+SHARED_MEMORY_OPTIN = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376}
+# Shared memory the key/value-gradient kernel needs at D = 128 with the whole d x d operands (one program per
+# (b, head) and tile), measured with the compile test: 16-bit 102400 (118784 with the divisibility hints), fp32
+# 139264 bytes. Devices with less split the rows between two programs (row_split 2: 48-70 KiB).
+KV_GRAD_D128_SHARED_MEMORY = 139264
+
+
+def _gpu_blocks(head_dim, dtype, shared_memory):
+    """Tile shape and launch options on a GPU with `shared_memory` bytes per block (opt-in), for a head dim and
+    input dtype.
 
     16-bit: a (D, BLOCK_N) fp32 tile is ~16 registers a thread, and each feature row of a tile is >= 128
     contiguous bytes of an NCHW tensor. fp32: the exact products run on FMA units, whose operands take
@@ -558,16 +591,26 @@ def _gpu_blocks(head_dim, dtype):
         block_n, num_warps, num_stages = {16: (64, 8, 2), 32: (32, 8, 2), 64: (16, 8, 1), 128: (16, 8, 1)}[head_dim]
     else:
         block_n, num_warps, num_stages = {16: (128, 4, 3), 32: (128, 8, 2), 64: (32, 8, 3), 128: (16, 8, 3)}[head_dim]
-    return _Blocks(block_n, num_warps, num_stages)
+    row_split = 2 if head_dim == 128 and shared_memory < KV_GRAD_D128_SHARED_MEMORY else 1
+    return _Blocks(block_n, num_warps, num_stages, row_split)
 
 
-def _blocks(n, head_dim, dtype):
+@functools.lru_cache(maxsize=None)
+def _shared_memory(index):
+    """Shared memory per block (opt-in) of CUDA device `index`, in bytes."""
+    properties = torch.cuda.get_device_properties(index)
+    return getattr(properties, "shared_memory_per_block_optin", SHARED_MEMORY_OPTIN[86])
+
+
+def _blocks(n, head_dim, dtype, device):
     if INTERPRETING:
         # The interpreter's cost is per op: 128-position tiles take a 64x64 image's attention (as the whole-Unet
         # tests run it) in a quarter of the time of 32-position ones, which small N keep so that the test shapes
-        # (N = 35 to 100) still go through the online rescaling over several tiles.
-        return _Blocks(32 if n <= 256 else 128, 4, 1)
-    return _gpu_blocks(head_dim, dtype)
+        # (N = 35 to 100) still go through the online rescaling over several tiles. D = 128 takes the row split
+        # of the 99 KB GPUs, so that the tests run both ways of the key/value kernel.
+        return _Blocks(32 if n <= 256 else 128, 4, 1, 2 if head_dim == 128 else 1)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _gpu_blocks(head_dim, dtype, _shared_memory(index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -591,7 +634,7 @@ def _plans(batch_heads, n, head_dim, dtype, device, num_splits):
 
     num_splits > 0 forces the number of reduction splits (at most one a tile), e.g. to test their combination.
     """
-    blocks = _blocks(n, head_dim, dtype)
+    blocks = _blocks(n, head_dim, dtype, device)
     tiles = -(-n // blocks.block_n)
     if INTERPRETING:
         # The interpreter's cost is per program: one per (b, head).
@@ -692,11 +735,12 @@ def _backward(dout, q, k, v, mem_k, mem_v, context, lse, num_splits, dq, dk, dv,
     )  # fmt: skip
     dmem_k_out, dmem_v_out = _memory_or_standin(dmem_k, dk[0]), _memory_or_standin(dmem_v, dv[0])
     # One extra program row per head when there are memory slots: the reductions of their gradients.
-    _key_value_grad_kernel[(batch_heads + (heads if m > 0 else 0), programs)](
+    _key_value_grad_kernel[(batch_heads * blocks.row_split + (heads if m > 0 else 0), programs)](
         k, v, lse, dcontext, rowdot, dk, dv, dmem_k_part_in, dmem_v_part_in, dmem_k_out, dmem_v_out,
         batch, heads, n, m, tiles_per_program, *k.stride(), *v.stride(), dk.stride(0), dk.stride(1),
         *dmem_k_out.stride(),
-        D=head_dim, BLOCK_N=blocks.block_n, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, UPCAST=INTERPRETING, **options,
+        D=head_dim, BLOCK_N=blocks.block_n, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, ROW_SPLIT=blocks.row_split,
+        UPCAST=INTERPRETING, **options,
     )  # fmt: skip
 
 
@@ -918,8 +962,10 @@ def _divisibility(kernel, signature):
             if signature[name] != "constexpr" and (signature[name].startswith("*") or name in _DIVISIBLE_INTS)}
 
 
-def gpu_compile_configs():
-    """Every (kernel, signature, constexprs, options, attrs) a GPU launch can select, per input dtype and head dim.
+def gpu_compile_configs(arch=None):
+    """Every (kernel, signature, constexprs, options, attrs) a GPU launch on sm_`arch` can select (its shared memory
+    from SHARED_MEMORY_OPTIN decides the key/value kernel's row split; None: every architecture's), per input
+    dtype and head dim.
 
     Strides along positions are given as 1: Triton specializes them so for NCHW inputs (the Unet's layout). The
     streaming kernels compile without hints (attrs None: N not a multiple of 16, the worst case for registers)
@@ -928,29 +974,13 @@ def gpu_compile_configs():
     the input dtype (a .half()/.bfloat16() model). The combines, whose loads do not depend on N, compile aligned
     (their pointers always are) for fp32, fp16 and bf16 memory slots.
     """
+    limits = sorted(set(SHARED_MEMORY_OPTIN.values())) if arch is None else [SHARED_MEMORY_OPTIN[arch]]
     configs = []
     for dtype, pointer_type in _POINTER_TYPES.items():
         for head_dim in HEAD_DIMS:
-            blocks = _gpu_blocks(head_dim, dtype)
-            options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
-            tile = {"D": head_dim, "BLOCK_N": blocks.block_n, "UPCAST": False}
-            for kernel, unit_strides in (
-                (_context_partial_kernel, ("stride_kn", "stride_vn")),
-                (_output_kernel, ("stride_qn",)),
-                (_query_grad_kernel, ("stride_qn", "stride_on")),
-                (_key_value_grad_kernel, ("stride_kn", "stride_vn", "stride_dmm")),
-            ):
-                constexprs = {**dict.fromkeys(unit_strides, 1), **tile}
-                if kernel is _key_value_grad_kernel:
-                    constexprs.update(ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK)
-                memory_types = ["*fp32"]
-                if kernel is _key_value_grad_kernel and dtype != torch.float32:
-                    memory_types.append(pointer_type)
-                for aligned in (False, True) if dtype != torch.float32 else (False,):
-                    for memory_type in memory_types if aligned else memory_types[:1]:
-                        signature = _signature(kernel, pointer_type, constexprs, memory_type)
-                        attrs = _divisibility(kernel, signature) if aligned else None
-                        configs.append((kernel, signature, constexprs, options, attrs))
+            variants = list(dict.fromkeys(_gpu_blocks(head_dim, dtype, limit) for limit in limits))
+            for index, blocks in enumerate(variants):
+                configs += _streaming_configs(dtype, pointer_type, head_dim, blocks, only_key_value=index > 0)
     for head_dim in HEAD_DIMS:
         constexprs = {"D": head_dim, "ROWS": COMBINE_ROWS, "BLOCK_M": MEMORY_BLOCK, "UPCAST": False,
                       "stride_mkm": 1, "stride_mvm": 1}
@@ -958,4 +988,32 @@ def gpu_compile_configs():
             for kernel in (_context_combine_kernel, _context_grad_combine_kernel):
                 signature = _signature(kernel, "*fp32", constexprs, memory_type)
                 configs.append((kernel, signature, constexprs, {"num_warps": 4}, _divisibility(kernel, signature)))
+    return configs
+
+
+def _streaming_configs(dtype, pointer_type, head_dim, blocks, only_key_value=False):
+    """The streaming kernels' entries of gpu_compile_configs for one dtype, head dim and _Blocks (only the
+    key/value kernel's, the one that row_split changes, with `only_key_value`)."""
+    configs = []
+    options = {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    tile = {"D": head_dim, "BLOCK_N": blocks.block_n, "UPCAST": False}
+    for kernel, unit_strides in (
+        (_context_partial_kernel, ("stride_kn", "stride_vn")),
+        (_output_kernel, ("stride_qn",)),
+        (_query_grad_kernel, ("stride_qn", "stride_on")),
+        (_key_value_grad_kernel, ("stride_kn", "stride_vn", "stride_dmm")),
+    ):
+        if only_key_value and kernel is not _key_value_grad_kernel:
+            continue
+        constexprs = {**dict.fromkeys(unit_strides, 1), **tile}
+        if kernel is _key_value_grad_kernel:
+            constexprs.update(ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, ROW_SPLIT=blocks.row_split)
+        memory_types = ["*fp32"]
+        if kernel is _key_value_grad_kernel and dtype != torch.float32:
+            memory_types.append(pointer_type)
+        for aligned in (False, True) if dtype != torch.float32 else (False,):
+            for memory_type in memory_types if aligned else memory_types[:1]:
+                signature = _signature(kernel, pointer_type, constexprs, memory_type)
+                attrs = _divisibility(kernel, signature) if aligned else None
+                configs.append((kernel, signature, constexprs, options, attrs))
     return configs

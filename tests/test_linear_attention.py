@@ -18,7 +18,7 @@ The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest, so the G
 import pytest
 import torch
 
-from gpu_compile import ARCHS, SHARED_MEMORY_LIMIT, compile_for_archs
+from gpu_compile import ARCHS, SHARED_MEMORY_LIMIT, compile_for_archs, configurations
 from tolerances import TOLERANCES, assert_close
 
 import fastunet.kernels.linear_attention as kernel_module
@@ -224,22 +224,25 @@ def test_torch_compile(device):
         assert torch.equal(a, b), name
 
 
-def _gpu_configs():
-    """(dtype pointer, kernel name, D, BLOCK_N, num_warps, num_stages) of every listed configuration."""
+def _gpu_configs(arch):
+    """(dtype pointer, kernel name, D, BLOCK_N, num_warps, num_stages, ROW_SPLIT) of every configuration listed
+    for sm_`arch`."""
     listed = set()
-    for kernel, signature, constexprs, options, _ in kernel_module.gpu_compile_configs():
+    for kernel, signature, constexprs, options, _ in kernel_module.gpu_compile_configs(arch):
         pointer = signature.get("q_ptr", signature.get("k_ptr", "*fp32"))
         listed.add((pointer, kernel.__name__, constexprs["D"], constexprs.get("BLOCK_N"), options["num_warps"],
-                    options.get("num_stages")))  # fmt: skip
+                    options.get("num_stages"), constexprs.get("ROW_SPLIT", 1)))  # fmt: skip
     return listed
 
 
-def test_heuristic_selects_listed_configs(monkeypatch):
-    """The GPU heuristic (run here with a pretend 132-SM device) only picks configurations the AOT test compiles,
-    and its splits cover the positions exactly."""
+@pytest.mark.parametrize("arch", ARCHS)
+def test_heuristic_selects_listed_configs(arch, monkeypatch):
+    """The GPU heuristic (run here with a pretend 132-SM device with sm_`arch`'s shared memory) only picks
+    configurations the AOT test compiles for that architecture, and its splits cover the positions exactly."""
     monkeypatch.setattr(kernel_module, "INTERPRETING", False)
     monkeypatch.setattr(kernel_module, "_sm_count", lambda index: 132)
-    listed = _gpu_configs()
+    monkeypatch.setattr(kernel_module, "_shared_memory", lambda index: kernel_module.SHARED_MEMORY_OPTIN[arch])
+    listed = _gpu_configs(arch)
     streaming = ("_context_partial_kernel", "_output_kernel", "_query_grad_kernel", "_key_value_grad_kernel")
     for dtype, pointer in kernel_module._POINTER_TYPES.items():
         for head_dim in kernel_module.HEAD_DIMS:
@@ -249,14 +252,18 @@ def test_heuristic_selects_listed_configs(monkeypatch):
                         batch_heads, n, head_dim, dtype, torch.device("cuda", 0), 0
                     )
                     for name in streaming:
-                        config = (pointer, name, head_dim, blocks.block_n, blocks.num_warps, blocks.num_stages)
-                        assert config in listed, f"{config} selected but not listed in gpu_compile_configs()"
+                        row_split = blocks.row_split if name == "_key_value_grad_kernel" else 1
+                        config = (pointer, name, head_dim, blocks.block_n, blocks.num_warps, blocks.num_stages,
+                                  row_split)
+                        assert config in listed, f"{config} selected but not listed in gpu_compile_configs({arch})"
                     tiles = -(-n // blocks.block_n)
                     for tiles_per_program, programs in (reduce, mapping):
                         assert (programs - 1) * tiles_per_program < tiles <= programs * tiles_per_program
     # The benchmark shape (B 32, 4 heads, d 32, N 16384, bf16) fills the device several waves deep.
     _, (_, splits), (_, programs) = kernel_module._plans(128, 16384, 32, torch.bfloat16, torch.device("cuda", 0), 0)
     assert 128 * splits >= 4 * 132 and 128 * programs >= 4 * 132
+    # The shared-memory limits the kernel module chooses from are the ones the compile tests check against.
+    assert kernel_module.SHARED_MEMORY_OPTIN[arch] == SHARED_MEMORY_LIMIT[arch]
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +276,7 @@ def compiled_configs():
 def test_gpu_compile(arch, compiled_configs):
     """Every configuration compiles for sm_`arch` within its shared memory (99 KB on sm_86/89/120), without
     spills, 16-bit products on the tensor cores; aligned builds get the divisibility of a real launch."""
-    configs = kernel_module.gpu_compile_configs()
+    configs = configurations(kernel_module, arch)
     records = compiled_configs[arch]
     assert len(records) == len(configs)
     failures = [r for r in records if "error" in r]
@@ -285,6 +292,7 @@ def test_gpu_compile_coverage():
     """Every streaming kernel is listed with the divisibility a real launch at the Unet's shapes gets (16-bit),
     and the kernels that read or write the memory slots with fp32 and 16-bit slots."""
     configs = kernel_module.gpu_compile_configs()
+    assert {c[2].get("ROW_SPLIT") for c in configs if c[0] is kernel_module._key_value_grad_kernel} == {1, 2}
     aligned = {(k.__name__, s.get("q_ptr", s.get("k_ptr"))) for k, s, _, _, attrs in configs if attrs}
     for name in ("_context_partial_kernel", "_output_kernel", "_query_grad_kernel", "_key_value_grad_kernel"):
         for pointer in ("*fp16", "*bf16"):

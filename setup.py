@@ -22,6 +22,7 @@ setup(
             "pytest-benchmark>=4",
             "numpy",
             "hypothesis",
+            "matplotlib",  # bench/report.py draws report.png
             "denoising-diffusion-pytorch==2.3.4",
         ],
     },

@@ -88,3 +88,74 @@ def run_benchmark(benchmark, fn, *, bytes_moved=None, flops=None, rounds=None, *
     if rounds is not None:
         return benchmark.pedantic(synchronized(fn), rounds=rounds, warmup_rounds=1)
     return benchmark(synchronized(fn))
+
+
+def interleaved_durations(steps, rounds, warmup_rounds=1):
+    """Seconds per call of each step, measured in interleaved rounds: round r calls every step once, starting at
+    a different one each round, so that a change of machine load (another process, frequency scaling) lands on
+    every step alike instead of on whichever happened to run during it.
+
+    steps: {name: () -> anything}. Returns {name: [seconds of each timed round]}. CUDA work is synchronized.
+    """
+    import time
+
+    names = list(steps)
+    timed = {name: synchronized(steps[name]) for name in names}
+    for _ in range(warmup_rounds):
+        for name in names:
+            timed[name]()
+    durations = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            timed[name]()
+            durations[name].append(time.perf_counter() - start)
+    return durations
+
+
+def record_durations(benchmark, durations):
+    """Hand durations measured outside pytest-benchmark (interleaved_durations) to it, so that its table, its
+    statistics and its saved JSON show them like its own rounds. Uses pytest-benchmark's `_make_stats`, the
+    same call its own runner makes (present in pytest-benchmark 4 and 5)."""
+    if benchmark.disabled:  # `pytest bench/` without --benchmark-only: a plain test run, nothing to record
+        return
+    benchmark._mode = "interleaved rounds (bench/measure.py)"
+    stats = benchmark._make_stats(1)
+    for seconds in durations:
+        stats.update(seconds)
+
+
+def peak_memory_bytes(fn, device):
+    """Peak memory fn allocates above what was allocated when it began, in bytes, and how that was measured.
+
+    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the running sum of every CPU tensor
+    allocation and free that torch.profiler records during fn (profile_memory=True); its maximum is the same
+    quantity for CPU tensors, byte-exact (no allocator cache or page granularity as with resident memory).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated above the start"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    sizes = sorted((node.start_time_ns, node.extra_fields.alloc_size)
+                   for node in walk(prof.profiler.kineto_results.experimental_event_tree())
+                   if type(node.extra_fields).__name__ == "_ExtraFields_Allocation"
+                   and node.extra_fields.device.type == "cpu")
+    allocated = peak = 0
+    for _, size in sizes:
+        allocated += size
+        peak = max(peak, allocated)
+    return peak, "peak of the running sum of torch.profiler's CPU allocation events (alloc and free)"

@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
-# One GPU session's worth of measurement: the CUDA tests, then every benchmark, written to bench/results/ as
-# pytest-benchmark JSON (it records the machine, the commit and each benchmark's extra_info: device, device_ms,
-# GB/s, %HBM, TFLOP/s) beside a small header with the GPU name, torch and triton versions and the date.
+# One GPU session's measurement, in under 9 minutes on an H100/H200; commits nothing.
+#   1. the test files that hold CUDA-only tests (CUDA graphs, inductor, tensor-core paths), on the GPU;
+#   2. the whole-model benchmarks, then the kernel benchmarks (pytest-benchmark JSON autosaved by
+#      bench/conftest.py into bench/results/cuda/<machine>/, machine, commit and extra_info inside);
+#   3. python bench/report.py: bench/results/report.md (and report.png where matplotlib is installed).
+# Each stage has a time limit; an interrupted pytest still saves what it measured (SIGINT, then SIGKILL 20 s
+# later). Logs go to bench/results/cuda/logs/. Review, then commit bench/results/cuda/ and the report yourself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-bench/results}"
-mkdir -p "$out"
+logs="bench/results/cuda/logs"
+mkdir -p "$logs"
 stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
-python - > "$out/$stamp-environment.txt" <<'PY'
+status=0
+
+stage() {  # stage <seconds> <log name> <command...>
+    local limit="$1" name="$2"
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee "$logs/$stamp-$name.txt" | tail -40
+    local rc="${PIPESTATUS[0]}"
+    [ "$rc" -eq 0 ] || { echo "== $name exited with $rc"; status=1; }
+}
+
+python - <<'PY' | tee "$logs/$stamp-environment.txt"
 import datetime, subprocess, torch, triton
 print("date", datetime.datetime.now(datetime.timezone.utc).isoformat())
-print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none (this script needs a GPU)")
 print("torch", torch.__version__, "triton", triton.__version__)
-print("commit", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+print("commit", subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip())
 PY
-pytest tests/ -q -x 2>&1 | tail -30 | tee "$out/$stamp-tests.txt"
-pytest bench/ --benchmark-only --benchmark-json="$out/$stamp-bench.json" -q 2>&1 | tail -80 | tee "$out/$stamp-bench.txt"
+
+# Files with a test that skips without CUDA; their other tests run on the GPU too.
+cuda_test_files=$(grep -l "cuda.is_available()" tests/test_*.py)
+stage 160 tests python -m pytest $cuda_test_files -q -rs -x -p no:cacheprovider
+stage 220 bench-unet env FASTUNET_BENCH_BUILD_BUDGET_S=60 python -m pytest bench/bench_unet.py --benchmark-only -q
+stage 110 bench-kernels python -m pytest bench/ --benchmark-only -q --ignore=bench/bench_unet.py
+stage 20 report python bench/report.py
+exit "$status"

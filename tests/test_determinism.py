@@ -81,7 +81,8 @@ def test_linear_attention(dtype, device):
 
 # Each kernel is tested above in every dtype; the whole model in fp32 and in both autocast dtypes, with group norms
 # once (a GroupNorm Unet takes ~20 s per forward and backward under the interpreter) and RMS norms otherwise.
-@pytest.mark.parametrize("block_norm, autocast_dtype", [("group", None), ("rms", torch.float16), ("rms", torch.bfloat16)],
+@pytest.mark.parametrize("block_norm, autocast_dtype",
+                         [("group", None), ("rms", torch.float16), ("rms", torch.bfloat16)],
                          ids=["group-fp32", "rms-fp16", "rms-bf16"])
 def test_whole_unet(block_norm, autocast_dtype, device):
     """fp32, and fp16/bf16 autocast (the low-precision path the kernels serve): output and every parameter grad.

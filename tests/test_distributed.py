@@ -135,8 +135,8 @@ def trainer_worker(folder):
     torch.manual_seed(0)
     diffusion = upstream.GaussianDiffusion(fastunet.Unet(**CONFIG), image_size=IMAGE_SIZE, timesteps=TIMESTEPS)
     trainer = upstream.Trainer(
-        diffusion, str(folder / "images"), train_batch_size=BATCH, gradient_accumulate_every=4, train_num_steps=2, save_and_sample_every=2,
-        num_samples=1, results_folder=str(folder / "results"), calculate_fid=False, amp=False,
+        diffusion, str(folder / "images"), train_batch_size=BATCH, gradient_accumulate_every=4, train_num_steps=2,
+        save_and_sample_every=2, num_samples=1, results_folder=str(folder / "results"), calculate_fid=False, amp=False,
     )
     trainer.train()
     accelerator = trainer.accelerator
@@ -163,7 +163,8 @@ def test_upstream_trainer_under_accelerate_launch_with_two_processes(tmp_path):
     run_workers([launch], env)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
-    assert [r["world"] for r in ranks] == [WORLD, WORLD] and "MULTI_CPU" in ranks[0]["distributed"], ranks[0]["distributed"]
+    assert [r["world"] for r in ranks] == [WORLD, WORLD], [r["world"] for r in ranks]
+    assert "MULTI_CPU" in ranks[0]["distributed"], ranks[0]["distributed"]
     milestone = torch.load(tmp_path / "results" / "model-1.pt", weights_only=True)
     assert milestone["step"] == 2
     # The milestone's model is the unwrapped GaussianDiffusion: it loads strictly into a plain one.

@@ -31,10 +31,6 @@ def build_pair(config, seed=0):
     return theirs.eval(), ours.eval()
 
 
-ATTEND_MISSING = not hasattr(fastunet.Attention(8), "attend")
-
-
-@pytest.mark.xfail(ATTEND_MISSING, strict=True, reason="Attention.attend (issue 10, attention part) has not landed")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_upstream_module_name_exists(name):
     """Code that reaches into the model by name (unet.mid_attn.attend.flash, hooks, freezing) finds it; each module

@@ -98,7 +98,8 @@ def test_norms_of_16_bit_inputs_of_magnitude_1e4(op, dtype):
     weight, bias, scale, shift = norm_parameters(16, 2)
     grad = randn(2, 16, 6, 6, seed=4).to(DEVICE, dtype)
     if op == "group_norm_act":
-        check(group_norm, (x, weight, bias, scale, shift), grad, dtype, ["y", "dx", "d_weight", "d_bias", "d_scale", "d_shift"])
+        check(group_norm, (x, weight, bias, scale, shift), grad, dtype,
+              ["y", "dx", "d_weight", "d_bias", "d_scale", "d_shift"])
     else:
         check(rms_norm, (x, weight, scale, shift), grad, dtype, ["y", "dx", "d_g", "d_scale", "d_shift"])
 

@@ -43,6 +43,8 @@ Head dims 16, 32, 64 and 128 run directly; other head dims up to 128 are zero-pa
 `attention` (an extra copy of q, k, v; the scale stays d^-0.5); larger ones raise ValueError.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -508,7 +510,14 @@ def _attention_backward_dq_kernel(
 #   reads its right operand from shared memory, so larger tiles fit there (16-bit dk/dv 64 keys, dq 128 queries at
 #   d=128). The memory-slot kernel runs 8 warps: with 4, its unaligned q and grad-out tiles spilled at d=128.
 # - fp32 at d=128 on sm_80 spills unaligned with every tile tried (forward 28/52 bytes with triton 3.8/3.6, dk/dv
-#   16/48, dq 52/76), not aligned: SM80_SPILLS_ALLOWED lists exactly those three, exempt from the spill check.
+#   16/48, dq 52/76), not aligned: SPILLS_ALLOWED[80] lists exactly those three, exempt from the spill check.
+# - fp32 dq at d=128 on sm_90: since the dq kernel also forms the memory-slot partials (p^T dO, dS^T q: q and dO
+#   again as transposed wgmma operands), 128 x 16 tiles need 286720 bytes of shared memory (over the 232448) and
+#   spill 4 bytes; 64 x 16 spill 56 (4 warps: 228), 32 x 16 on 4 warps 1180; 16 x 16 on 8 warps (sm_80's tile)
+#   fit in 49152 bytes and spill 68 (triton 3.8), listed in SPILLS_ALLOWED[90]. fp32 at d=128 is neither the
+#   Unet's head dim nor its training precision under autocast.
+# - fp32 dq at d=64 on sm_80: with the memory-slot partials, 128 x 16 needed 147456 bytes of shared memory (over
+#   the 99 KB of sm_86/89/120); 64 x 16 take 73728 and 252 registers without spills.
 _SM80_CONFIGS = {
     "forward": {
         "16": {16: (128, 64, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 3), 128: (128, 16, 8, 2)},
@@ -520,7 +529,7 @@ _SM80_CONFIGS = {
     },
     "dq": {
         "16": {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 2), 128: (16, 16, 8, 1)},
-        "tf32": {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (128, 16, 8, 1), 128: (16, 16, 8, 1)},
+        "tf32": {16: (64, 64, 8, 2), 32: (64, 32, 8, 2), 64: (64, 16, 8, 1), 128: (16, 16, 8, 1)},
     },
 }
 _SM90_CONFIGS = {
@@ -534,13 +543,14 @@ _SM90_CONFIGS = {
     },
     "dq": {
         "16": {16: (128, 32, 8, 3), 32: (128, 32, 8, 3), 64: (128, 32, 8, 2), 128: (128, 16, 8, 2)},
-        "tf32": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (128, 16, 8, 1), 128: (128, 16, 8, 1)},
+        "tf32": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (128, 16, 8, 1), 128: (16, 16, 8, 1)},
     },
 }
 _GPU_CONFIGS = {80: _SM80_CONFIGS, 90: _SM90_CONFIGS}
-# (kernel, dot precision, head dim, aligned) whose sm_80 build spills registers, with triton 3.6 and 3.8 (see
-# above): fp32 at d=128 with N not a multiple of 16. The tests exempt exactly these, and fail if one stops spilling.
-SM80_SPILLS_ALLOWED = {("forward", "tf32", 128, False), ("dkdv", "tf32", 128, False), ("dq", "tf32", 128, False)}
+# Per table, (kernel, dot precision, head dim, aligned) whose build spills registers (see above): fp32 at d=128
+# with N not a multiple of 16. The tests exempt exactly these, and fail if one stops spilling.
+SPILLS_ALLOWED = {80: {("forward", "tf32", 128, False), ("dkdv", "tf32", 128, False), ("dq", "tf32", 128, False)},
+                  90: {("dq", "tf32", 128, False)}}
 # The interpreter runs one configuration; its cost is per program and per operation, so tiles are large. 32x32
 # still takes several query blocks and a masked last key block at the test shapes (N = 35, 64, 100).
 _INTERPRETER_CONFIG = (32, 32, 1, 1)
@@ -551,11 +561,31 @@ def _dot_precision(dtype):
     return "tf32" if dtype == torch.float32 else "16"
 
 
-def _table_arch(arch):
-    """The configuration table for compute capability `arch` (80, 86, 89, 90, 100, 120, ...): sm_90's for Hopper and
-    the datacenter Blackwells (228 KiB of shared memory), sm_80's for the others. sm_86, sm_89 and sm_120 have
-    99 KiB per block, which the sm_80 table fits (the tests check it) and the sm_90 one does not."""
-    return 90 if 90 <= arch < 120 else 80
+# Largest shared memory per block (opt-in), bytes, of the architectures the tables are checked for, as
+# torch.cuda.get_device_properties(...).shared_memory_per_block_optin reports it (tests/gpu_compile.py checks every
+# build against the same numbers); other architectures are read from the device.
+SHARED_MEMORY_OPTIN = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# The sm_90 table is compiled against H100's 232448 bytes (its largest build, fp16/bf16 dq at d=128, takes 155648).
+SM90_TABLE_SHARED_MEMORY = 232448
+
+
+def _table_arch(arch, shared_memory=None):
+    """The configuration table for compute capability `arch` (80, 86, 89, 90, 100, 120, ...) with `shared_memory`
+    bytes per block (default: SHARED_MEMORY_OPTIN's): sm_90's for Hopper-class parts (wgmma, the full 228 KiB of
+    shared memory, as on the datacenter Blackwells), sm_80's for the others, e.g. the 99 KB of sm_86, sm_89 and
+    sm_120, which the sm_80 table fits (the tests check it) and the sm_90 one does not."""
+    if shared_memory is None:
+        shared_memory = SHARED_MEMORY_OPTIN.get(arch, 0)
+    return 90 if arch >= 90 and shared_memory >= SM90_TABLE_SHARED_MEMORY else 80
+
+
+@functools.lru_cache(maxsize=None)
+def _device_table(index):
+    """The table of CUDA device `index`, from its compute capability and shared memory per block."""
+    properties = torch.cuda.get_device_properties(index)
+    arch = 10 * properties.major + properties.minor
+    shared_memory = getattr(properties, "shared_memory_per_block_optin", SHARED_MEMORY_OPTIN.get(arch, 0))
+    return _GPU_CONFIGS[_table_arch(arch, shared_memory)]
 
 
 def _config(kernel, dtype, head_dim, device):
@@ -563,8 +593,52 @@ def _config(kernel, dtype, head_dim, device):
     `device`."""
     if INTERPRETING:
         return _INTERPRETER_CONFIG
-    major, minor = torch.cuda.get_device_capability(device)
-    return _GPU_CONFIGS[_table_arch(10 * major + minor)][kernel][_dot_precision(dtype)][head_dim]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_table(index)[kernel][_dot_precision(dtype)][head_dim]
+
+
+# A small autotune space on Hopper-class GPUs (the sm_90 table), 16-bit inputs at the Unet's head dims: the table's
+# entry first (used until the timing ran, and whenever timing is impossible), then FlashAttention-3-like
+# candidates, BLOCK_N 128 for the forward and 64-query steps for dk/dv. Compiled for sm_90 without spills
+# (triton 3.8, aligned, fp32 slots): forward 128x128 3 stages 156 registers, 2 stages 155; dk/dv 64x128 2 stages
+# 167, 3 stages 170 (one 8-warp program an SM, against two for the table's), so which wins depends on N and is
+# measured. Every candidate is in gpu_compile_configs.
+_SM90_CANDIDATES = {
+    ("forward", "16", 16): [(128, 128, 8, 2)], ("forward", "16", 32): [(128, 128, 8, 2)],
+    ("dkdv", "16", 16): [(64, 128, 8, 2)], ("dkdv", "16", 32): [(64, 128, 8, 2)],
+}
+_TUNED = {}
+
+
+def _candidates(table_arch, kernel, dtype, head_dim):
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) the tuner may pick, the table's first."""
+    table = _GPU_CONFIGS[table_arch]
+    first = table[kernel][_dot_precision(dtype)][head_dim]
+    extra = _SM90_CANDIDATES.get((kernel, _dot_precision(dtype), head_dim), []) if table_arch == 90 else []
+    return [first] + extra
+
+
+def _tuned_config(kernel, dtype, head_dim, n, device, launch):
+    """The configuration of `kernel` for this launch: under the interpreter the one fixed config; on the GPU the
+    table's, or, where _SM90_CANDIDATES lists more, the fastest of them for (device, dtype, head dim, N rounded up
+    to a power of two), timed once with triton.testing.do_bench by running `launch(config)` (the kernels only
+    write their outputs, so reruns are harmless). While a CUDA graph is captured or torch.compile traces, an
+    untimed key takes the table's entry."""
+    if INTERPRETING:
+        return _INTERPRETER_CONFIG
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    table_arch = 90 if _device_table(index) is _SM90_CONFIGS else 80
+    candidates = _candidates(table_arch, kernel, dtype, head_dim)
+    if len(candidates) == 1:
+        return candidates[0]
+    key = (kernel, index, dtype, head_dim, triton.next_power_of_2(n))
+    if key not in _TUNED:
+        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+            return candidates[0]
+        from triton.testing import do_bench
+
+        _TUNED[key] = min(candidates, key=lambda tiles: do_bench(lambda: launch(tiles), warmup=5, rep=20))
+    return _TUNED[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -602,14 +676,18 @@ def _forward(q, k, v, mem_k, mem_v, scale, out):
         return lse
     m = mem_k.shape[1]
     mem_k, mem_v = _standin(mem_k, k), _standin(mem_v, v)
-    block_m, block_n, num_warps, num_stages = _config("forward", q.dtype, d, q.device)
-    _attention_forward_kernel[_grid(n, block_m, batch * heads)](
-        q, k, v, mem_k, mem_v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(), *out.stride(),
-        heads, n, m, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(tiles):
+        block_m, block_n, num_warps, num_stages = tiles
+        _attention_forward_kernel[_grid(n, block_m, batch * heads)](
+            q, k, v, mem_k, mem_v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(), *out.stride(),
+            heads, n, m, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    launch(_tuned_config("forward", q.dtype, d, n, q.device, launch))
     return lse
 
 
@@ -640,14 +718,18 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale, dq, dk, dv, dmem
     )
     n_reduce = 2 * heads * triton.cdiv(m, BLOCK_MEM)
     dmem_k_out, dmem_v_out = _standin(dmem_k, dk), _standin(dmem_v, dv)
-    block_m, block_n, num_warps, num_stages = _config("dkdv", q.dtype, d, q.device)
-    _attention_backward_dkdv_kernel[_grid(n, block_n, batch * heads, n_reduce)](
-        q, k, v, grad_out, lse, delta, dk, dv, dmem_partial if m > 0 else lse, dmem_k_out, dmem_v_out,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *dmem_k_out.stride(),
-        batch, heads, n, m, query_blocks, n_reduce, *scales,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(tiles):
+        block_m, block_n, num_warps, num_stages = tiles
+        _attention_backward_dkdv_kernel[_grid(n, block_n, batch * heads, n_reduce)](
+            q, k, v, grad_out, lse, delta, dk, dv, dmem_partial if m > 0 else lse, dmem_k_out, dmem_v_out,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *dmem_k_out.stride(), batch, heads, n, m, query_blocks, n_reduce, *scales,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    launch(_tuned_config("dkdv", q.dtype, d, n, q.device, launch))
 
 
 def _qkv_views(qkv, heads):
@@ -943,15 +1025,36 @@ def gpu_compile_configs(arch=None):
     specializes) and, both ways, the autocast case (fp32 memory slots; every kernel reads or writes them).
     fp32 has no aligned builds: it is not the Unet's training precision, and they would add 12 builds per
     architecture to the compile test (when the tables were chosen, no fp32 configuration spilled aligned)."""
+    if arch is not None and arch not in _GPU_CONFIGS:
+        return _consumer_compile_configs(arch)
     configs = []
     for table_arch in (80, 90) if arch is None else (_table_arch(arch),):
         table = _GPU_CONFIGS[table_arch]
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim in HEAD_DIMS:
                 for name in _KERNELS:
-                    tiles = table[name][_dot_precision(dtype)][head_dim]
-                    for aligned in (False, True) if dtype != torch.float32 else (False,):
-                        configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned))
-                        if dtype != torch.float32:
-                            configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned, torch.float32))
+                    for tiles in _candidates(table_arch, name, dtype, head_dim):
+                        for aligned in (False, True) if dtype != torch.float32 else (False,):
+                            configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned))
+                            if dtype != torch.float32:
+                                configs.append(_compile_entry(name, dtype, head_dim, tiles, aligned, torch.float32))
+    return configs
+
+
+def _consumer_compile_configs(arch):
+    """The configurations compiled for sm_`arch` other than 80 and 90 (sm_86, sm_89, sm_120: 99 KB of shared
+    memory). They run sm_80's table, whose every build (compiled for sm_80) the tests already hold to 99 KB, with
+    the same instructions (mma.sync, cp.async); compiling each of them again per architecture would triple the
+    compile test's time. These builds check that each target's ptxas takes the kernels, within its shared memory
+    and without spills, for the configurations the Unet trains with: bf16 and fp16, each head dim and kernel, N a
+    multiple of 16 with fp32 memory slots (autocast), and bf16 with N unaligned."""
+    table = _GPU_CONFIGS[_table_arch(arch)]
+    configs = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in HEAD_DIMS:
+            for name in _KERNELS:
+                tiles = table[name][_dot_precision(dtype)][head_dim]
+                configs.append(_compile_entry(name, dtype, head_dim, tiles, True, torch.float32))
+                if dtype == torch.bfloat16:
+                    configs.append(_compile_entry(name, dtype, head_dim, tiles, False))
     return configs

@@ -9,10 +9,12 @@ Hopper tensor cores do; under the interpreter fp32 dots are exact and the kernel
 """
 
 
+import itertools
+
 import pytest
 import torch
 
-from gpu_compile import SHARED_MEMORY_LIMIT, compile_for_archs, configurations
+from gpu_compile import ARCHS, SHARED_MEMORY_LIMIT, compile_for_archs, configurations
 from tolerances import assert_close
 
 import fastunet.kernels.attention as kernel_module
@@ -426,18 +428,21 @@ SM80_TABLE_SHARED_LIMIT = 101376
 
 
 def test_gpu_compile():
-    """Every configuration a GPU launch can select compiles for its architecture's table, sm_80 and sm_90 (Triton's
-    bundled ptxas), fits in shared memory, spills no registers, and runs its dots on tensor cores (mma/wgmma; fp32
-    runs TF32 dots). Each compiles without alignment hints (N not a multiple of 16, the worse case for registers)
-    and, for fp16/bf16, also with the divisibility the Unet's shapes get (and with fp32 memory slots, autocast).
-    Exempt from the spill check: the sm_80 builds the kernel module lists in SM80_SPILLS_ALLOWED (with its reason);
+    """Every configuration a GPU launch can select compiles for its architecture's table, for sm_80, sm_86, sm_89,
+    sm_90 and sm_120 (Triton's bundled ptxas), fits in that architecture's shared memory (sm_80's builds also in
+    the 99 KB of sm_86/89/120, which run its table), spills no registers, and runs its dots on tensor cores
+    (mma/wgmma; fp32 runs TF32 dots). Each compiles without alignment hints (N not a multiple of 16, the worse
+    case for registers) and, for fp16/bf16, also with the divisibility the Unet's shapes get (and with fp32 memory
+    slots, autocast); sm_86/89/120 compile the Unet's training builds (see _consumer_compile_configs).
+    Exempt from the spill check: the builds the kernel module lists in SPILLS_ALLOWED per table (with its reason);
     the check fails if one of them stops spilling, so the list stays exact."""
-    records = compile_for_archs("fastunet.kernels.attention", (80, 90))
+    records = compile_for_archs("fastunet.kernels.attention", ARCHS)
     problems = []
     for arch, arch_records in records.items():
         configs = configurations(kernel_module, arch)
         if len(arch_records) != len(configs):
             problems.append(f"sm_{arch}: {len(arch_records)} records for {len(configs)} configurations")
+        table = kernel_module._table_arch(arch)
         for (kernel, signature, constexprs, _, attrs), record in zip(configs, arch_records):
             name = KERNEL_NAMES[kernel]
             pointer = signature.get("Q", signature.get("OUT"))
@@ -452,11 +457,11 @@ def test_gpu_compile():
             if record["shared"] > limit:
                 problems.append(f"{where}: {record['shared']} bytes of shared memory > {limit}")
             key = (name, precision, constexprs["HEAD_DIM"], bool(attrs))
-            exempt = arch == 80 and key in kernel_module.SM80_SPILLS_ALLOWED
+            exempt = key in kernel_module.SPILLS_ALLOWED[table]
             if record["spills"] and not exempt:
                 problems.append(f"{where}: {record['spills']} bytes of spills ({record['registers']} registers)")
-            if exempt and not record["spills"]:
-                problems.append(f"{where}: no longer spills; remove it from SM80_SPILLS_ALLOWED")
+            if exempt and not record["spills"] and arch == table:
+                problems.append(f"{where}: no longer spills; remove it from SPILLS_ALLOWED[{table}]")
             if not record["tensor_cores"]:
                 problems.append(f"{where}: no tensor-core instruction (mma/wgmma)")
     assert not problems, "\n".join(problems)
@@ -478,11 +483,61 @@ def test_gpu_compile_coverage():
         for dtype, pointer in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
             for head_dim in kernel_module.HEAD_DIMS:
                 for name in ("forward", "dkdv", "dq"):
-                    tiles = table[name][kernel_module._dot_precision(dtype)][head_dim]
-                    for aligned in (False, True) if dtype != torch.float32 else (False,):
+                    candidates = kernel_module._candidates(kernel_module._table_arch(arch), name, dtype, head_dim)
+                    assert candidates[0] == table[name][kernel_module._dot_precision(dtype)][head_dim]
+                    for tiles, aligned in itertools.product(candidates, (False, True)):
+                        if aligned and dtype == torch.float32:
+                            continue
                         memories = ("*fp32",) if dtype == torch.float32 else (pointer, "*fp32")
                         for memory in memories:
                             assert (name, pointer, memory, head_dim, tiles, aligned) in listed, \
                                 (arch, name, pointer, memory, head_dim, tiles, aligned)
     assert kernel_module._table_arch(86) == kernel_module._table_arch(120) == 80
     assert kernel_module._table_arch(90) == kernel_module._table_arch(100) == 90
+    # From the device's limits: a Hopper-class part with less shared memory takes the sm_80 table.
+    assert kernel_module._table_arch(90, shared_memory=101376) == 80
+    for arch in ARCHS:
+        assert kernel_module.SHARED_MEMORY_OPTIN[arch] == SHARED_MEMORY_LIMIT[arch]
+
+
+def test_autotune_picks_fastest(monkeypatch):
+    """On a Hopper-class device (pretended), the forward and dk/dv configurations are timed once per (device,
+    dtype, head dim, N rounded to a power of two) among _candidates and the fastest kept; the interpreter and a
+    single-candidate key never time anything."""
+    import triton.testing
+
+    assert kernel_module._tuned_config("forward", torch.bfloat16, 32, 256, torch.device("cpu"), None) == \
+        kernel_module._INTERPRETER_CONFIG
+    monkeypatch.setattr(kernel_module, "INTERPRETING", False)
+    monkeypatch.setattr(kernel_module, "_device_table", lambda index: kernel_module._SM90_CONFIGS)
+    monkeypatch.setattr(kernel_module, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timed = []
+    fake_times = {}  # the last candidate is the fastest
+
+    def fake_do_bench(fn, warmup, rep):
+        tiles = fn()
+        timed.append(tiles)
+        return fake_times[tiles]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    device = torch.device("cuda", 0)
+    for kernel in ("forward", "dkdv"):
+        candidates = kernel_module._candidates(90, kernel, torch.bfloat16, 32)
+        assert len(candidates) > 1 and len(set(candidates)) == len(candidates)
+        fake_times.clear()
+        fake_times.update({tiles: 1.0 / (i + 1) for i, tiles in enumerate(candidates)})
+        timed.clear()
+        launch = lambda tiles: tiles  # noqa: E731
+        assert kernel_module._tuned_config(kernel, torch.bfloat16, 32, 250, device, launch) == candidates[-1]
+        assert sorted(timed) == sorted(candidates)
+        timed.clear()  # cached for N = 250 .. 256, timed again for another power of two
+        assert kernel_module._tuned_config(kernel, torch.bfloat16, 32, 256, device, launch) == candidates[-1]
+        assert not timed
+        kernel_module._tuned_config(kernel, torch.bfloat16, 32, 4096, device, launch)
+        assert sorted(timed) == sorted(candidates)
+    # fp32 and d = 128 have one configuration: nothing is timed.
+    timed.clear()
+    assert kernel_module._tuned_config("forward", torch.float32, 32, 256, device, None) == \
+        kernel_module._SM90_CONFIGS["forward"]["tf32"][32]
+    assert not timed

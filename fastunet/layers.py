@@ -112,6 +112,20 @@ class Block(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def time_mlp_scale_shifts(blocks, time_emb):
+    """Every block's `mlp(time_emb).chunk(2, dim=1)` from one SiLU and one GEMM: [(scale, shift), ...] in the order
+    of `blocks` (ResnetBlocks), each a (B, dim_out) view of one (B, sum of 2 * dim_out) result.
+
+    The blocks' own Linear weights are concatenated on each call (one copy of a few hundred KB), so parameters,
+    their names and their gradients stay those of each block's `mlp`. time_emb: (B, time_emb_dim).
+    """
+    linears = [block.mlp[1] for block in blocks]
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = torch.cat([linear.bias for linear in linears])
+    outputs = nn.functional.linear(nn.functional.silu(time_emb), weight, bias)
+    return [piece.chunk(2, dim=1) for piece in outputs.split([linear.out_features for linear in linears], dim=1)]
+
+
 class ResnetBlock(nn.Module):
     """Two Blocks with time-conditioned scale/shift on the first, plus a residual: (B, dim, H, W) -> (B, dim_out, H, W).
 
@@ -125,9 +139,10 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out, groups=groups, block_norm=block_norm)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
-    def forward(self, x, time_emb=None):
-        scale_shift = None
-        if self.mlp is not None and time_emb is not None:
+    def forward(self, x, time_emb=None, *, scale_shift=None):
+        """scale_shift: this block's (scale, shift), each (B, dim_out), already computed from time_emb by the caller
+        (fastunet.Unet runs every block's time MLP as one GEMM, time_mlp_scale_shifts); time_emb is then unused."""
+        if scale_shift is None and self.mlp is not None and time_emb is not None:
             # Views of the (B, 2 * dim_out) MLP output; the fused op reads them through their strides.
             scale_shift = self.mlp(time_emb).chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)

@@ -4,11 +4,13 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from fastunet.attention import Attention, LinearAttention
 from fastunet.checks import check_finite, describe, dtype_name
 from fastunet.layers import (
     BLOCK_NORMS,
+    time_mlp_scale_shifts,
     Downsample,
     RandomOrLearnedSinusoidalPosEmb,
     ResnetBlock,
@@ -19,6 +21,21 @@ from fastunet.layers import (
 
 # The nn.Module method that converts a model to the dtype of an input, named in the dtype-mix error.
 _CONVERSIONS = {torch.float16: "half()", torch.bfloat16: "bfloat16()", torch.float32: "float()", torch.float64: "double()"}
+
+
+CHECKPOINTING = (None, "selective", "full")
+# What checkpointing="selective" keeps from the forward: the convolutions' outputs (and the GEMMs'). Everything
+# else in a checkpointed region (the fused norms + scale/shift + SiLU, attention, residual adds, casts) is recomputed
+# in the backward from them: those ops are memory-bound and cheap to redo, the convolutions are not.
+_KEPT_OPS = {torch.ops.aten.convolution.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+def _keep_convolutions(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _residual(module, x):
+    return module(x) + x
 
 
 def _per_stage(value, num_stages, name):
@@ -35,6 +52,9 @@ class Unet(nn.Module):
     - resnet_block_groups: GroupNorm groups of each Block (block_norm="group"), as upstream <= 1.11.1.
     - block_norm: "group" (default; GroupNorm, loads upstream 1.9-1.11.1 checkpoints) or "rms" (channel RMSNorm,
       exactly upstream 2.x; loads 2.x checkpoints).
+    - checkpointing: None (default: keep what the backward needs), "selective" (keep the convolution outputs,
+      recompute the fused norms, activations and attention in the backward) or "full" (recompute each ResnetBlock
+      from its input). Same gradients; less memory for more backward time. Only while gradients are enabled.
 
     forward(x, time, x_self_cond=None): x (B, channels, H, W) in the model's dtype (any float dtype under
     autocast), H and W divisible by downsample_factor; time (B,), (1,) or () of any int or float dtype, finite;
@@ -63,8 +83,12 @@ class Unet(nn.Module):
         *,
         resnet_block_groups=8,
         block_norm="group",
+        checkpointing=None,
     ):
         super().__init__()
+        if checkpointing not in CHECKPOINTING:
+            raise ValueError(f"expected checkpointing in {CHECKPOINTING}, got {checkpointing!r}")
+        self.checkpointing = checkpointing
         if block_norm not in BLOCK_NORMS:
             raise ValueError(f"expected block_norm in {BLOCK_NORMS}, got {block_norm!r}")
         self.block_norm = block_norm
@@ -216,25 +240,52 @@ class Unet(nn.Module):
         x = self.init_conv(x)
         r = x  # upstream clones here; nothing modifies x in place, so the copy is not needed
         t = self._embed_time(time)
+        # Every ResnetBlock's time MLP (SiLU + Linear) as one GEMM, in the order the blocks run below.
+        scale_shifts = iter(time_mlp_scale_shifts(self.resnet_blocks(), t))
+        block = self._run_block
+        attend = self._run_attention
 
         skips = []
         for block1, block2, attn, downsample in self.downs:
-            x = block1(x, t)
+            x = block(block1, x, next(scale_shifts))
             skips.append(x)
-            x = block2(x, t)
-            x = attn(x) + x
+            x = block(block2, x, next(scale_shifts))
+            x = attend(attn, x)
             skips.append(x)
             x = downsample(x)
 
-        x = self.mid_block1(x, t)
-        x = self.mid_attn(x) + x
-        x = self.mid_block2(x, t)
+        x = block(self.mid_block1, x, next(scale_shifts))
+        x = attend(self.mid_attn, x)
+        x = block(self.mid_block2, x, next(scale_shifts))
 
         for block1, block2, attn, upsample in self.ups:
-            x = block1(torch.cat((x, skips.pop()), dim=1), t)
-            x = block2(torch.cat((x, skips.pop()), dim=1), t)
-            x = attn(x) + x
+            x = block(block1, torch.cat((x, skips.pop()), dim=1), next(scale_shifts))
+            x = block(block2, torch.cat((x, skips.pop()), dim=1), next(scale_shifts))
+            x = attend(attn, x)
             x = upsample(x)
 
-        x = self.final_res_block(torch.cat((x, r), dim=1), t)
+        x = block(self.final_res_block, torch.cat((x, r), dim=1), next(scale_shifts))
         return self.final_conv(x)
+
+    def resnet_blocks(self):
+        """The ResnetBlocks in the order forward runs them."""
+        blocks = [block for block1, block2, _, _ in self.downs for block in (block1, block2)]
+        blocks += [self.mid_block1, self.mid_block2]
+        blocks += [block for block1, block2, _, _ in self.ups for block in (block1, block2)]
+        return blocks + [self.final_res_block]
+
+    def _run_block(self, block, x, scale_shift):
+        if self.checkpointing is None or not torch.is_grad_enabled():
+            return block(x, scale_shift=scale_shift)
+        return checkpoint(block, x, use_reentrant=False, context_fn=self._checkpoint_context, scale_shift=scale_shift)
+
+    def _run_attention(self, attn, x):
+        """attn(x) + x; under checkpointing="selective" its norm, attention core and output are recomputed."""
+        if self.checkpointing != "selective" or not torch.is_grad_enabled():
+            return attn(x) + x
+        return checkpoint(_residual, attn, x, use_reentrant=False, context_fn=self._checkpoint_context)
+
+    def _checkpoint_context(self):
+        if self.checkpointing == "selective":
+            return create_selective_checkpoint_contexts(_keep_convolutions)
+        return noop_context_fn()

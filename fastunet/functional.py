@@ -59,18 +59,22 @@ def _implementation(op_name, device, args):
     return kernel
 
 
-def _check_scale_shift(where, x, scale, shift):
+def _check_scale_shift(where, x, scale, shift, residual=None):
     batch, channels = x.shape[:2]
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
             check_tensor(where, name, t, shape=(batch, channels))
+    if residual is not None:
+        check_tensor(where, "residual", residual, shape=tuple(x.shape))
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{where}: expected residual of x's dtype {x.dtype}, got {residual.dtype}")
 
 
-def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
-    """`silu?(group_norm(x) * (scale + 1) + shift)` in fp32 statistics, returned in x.dtype.
+def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5, residual=None):
+    """`silu?(group_norm(x) * (scale + 1) + shift) + residual` in fp32 statistics, returned in x.dtype.
 
     x (B, C, H, W) fp32/fp16/bf16, any strides; weight, bias (C,) or None; groups divides C;
-    scale, shift (B, C) or None (any float dtype).
+    scale, shift (B, C) or None (any float dtype); residual: x's shape and dtype, or None.
     """
     where = "group_norm_act"
     check_tensor(where, "x", x, ndim=4, nonempty=True)
@@ -84,23 +88,24 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(where, name, t, shape=(channels,))
-    _check_scale_shift(where, x, scale, shift)
-    check_same_device(where, x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-    args = (x, weight, bias, groups, scale, shift, silu, eps)
+    _check_scale_shift(where, x, scale, shift, residual)
+    check_same_device(where, x=x, weight=weight, bias=bias, scale=scale, shift=shift, residual=residual)
+    args = (x, weight, bias, groups, scale, shift, silu, eps, residual)
     return _implementation(where, x.device, args)(*args)
 
 
-def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
-    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)` per pixel, in x.dtype.
+def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=None):
+    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift) + residual` per pixel, in x.dtype.
 
-    x (B, C, H, W) fp32/fp16/bf16, any strides; g (C,); scale, shift (B, C) or None.
+    x (B, C, H, W) fp32/fp16/bf16, any strides; g (C,); scale, shift (B, C) or None; residual: x's shape and
+    dtype, or None.
     """
     where = "rms_norm_act"
     check_tensor(where, "x", x, ndim=4, nonempty=True)
     check_tensor(where, "g", g, shape=(x.shape[1],))
-    _check_scale_shift(where, x, scale, shift)
-    check_same_device(where, x=x, g=g, scale=scale, shift=shift)
-    args = (x, g, scale, shift, silu, eps)
+    _check_scale_shift(where, x, scale, shift, residual)
+    check_same_device(where, x=x, g=g, scale=scale, shift=shift, residual=residual)
+    args = (x, g, scale, shift, silu, eps, residual)
     return _implementation(where, x.device, args)(*args)
 
 

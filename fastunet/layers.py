@@ -33,9 +33,10 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
-    def forward(self, x, scale_shift=None, silu=False):
+    def forward(self, x, scale_shift=None, silu=False, residual=None):
+        """residual: x's shape and dtype, or None; added after the (optional) SiLU, in the same kernel."""
         scale, shift = scale_shift if scale_shift is not None else (None, None)
-        return functional.rms_norm_act(x, self.g.view(-1), scale, shift, silu)
+        return functional.rms_norm_act(x, self.g.view(-1), scale, shift, silu, residual=residual)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -87,15 +88,21 @@ class Block(nn.Module):
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, scale_shift=None):
+    def forward(self, x, scale_shift=None, residual=None):
+        """residual: (B, dim_out, H, W) or None, added to the output (a ResnetBlock's res_conv(x)); fused into the
+        norm's kernel unless dropout is active or its dtype differs (then added after, with type promotion)."""
         x = self.proj(x)
+        fused = residual if residual is not None and residual.dtype == x.dtype and not (
+            self.training and self.dropout.p > 0) else None
         if self.block_norm == "group":
             scale, shift = scale_shift if scale_shift is not None else (None, None)
             norm = self.norm
-            x = functional.group_norm_act(x, norm.weight, norm.bias, norm.num_groups, scale, shift, True, norm.eps)
+            x = functional.group_norm_act(x, norm.weight, norm.bias, norm.num_groups, scale, shift, True, norm.eps,
+                                          residual=fused)
         else:
-            x = self.norm(x, scale_shift, silu=True)
-        return self.dropout(x)
+            x = self.norm(x, scale_shift, silu=True, residual=fused)
+        x = self.dropout(x)
+        return x if residual is None or fused is not None else x + residual
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of the other block norm would otherwise fail later with a list of missing keys, or with
@@ -146,5 +153,4 @@ class ResnetBlock(nn.Module):
             # Views of the (B, 2 * dim_out) MLP output; the fused op reads them through their strides.
             scale_shift = self.mlp(time_emb).chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)
-        h = self.block2(h)
-        return h + self.res_conv(x)
+        return self.block2(h, residual=self.res_conv(x))

@@ -39,18 +39,22 @@ from fastunet.kernels.scale_shift_act import (
     VECTOR_ELEMENTS,
     activation,
     activation_backward,
-    as_fp32,
     compile_signature,
     device_limits,
     empty_output,
     gradient_or_empty,
-    grads_from_sums,
+    halves_of_one,
     in_memory_format,
     kernel_memory_format,
+    dtype_code_of,
+    load_parameter,
     load_scale_shift,
+    parameter_arguments,
+    parameter_grads,
+    parameter_grads_compile_configs,
     row_strides,
     runtime_flags,
-    scale_shift_strides,
+    split_scale_shift,
     tile_offsets,
     tile_pointers,
     vector_aligned,
@@ -133,17 +137,14 @@ def _sum_rows_by_group(slot, valid, groups_per_pack, value):
 @triton.jit
 def _row_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
                       scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                      has_weight, has_bias, has_scale, has_shift):
+                      dtype_codes, has_weight, has_bias, has_scale, has_shift):
     """Per row: (alpha, beta) with pre-activation u = x * alpha + beta, and gamma = weight * (1 + scale)."""
-    weight = tl.where(valid, 1.0, 1.0)
-    bias = tl.where(valid, 0.0, 0.0)
-    if has_weight:
-        weight = tl.load(weight_ptr + channel, mask=valid, other=0.0)
-    if has_bias:
-        bias = tl.load(bias_ptr + channel, mask=valid, other=0.0)
+    weight = load_parameter(weight_ptr, channel, valid, has_weight, dtype_code_of(dtype_codes, 0), 1.0)
+    bias = load_parameter(bias_ptr, channel, valid, has_bias, dtype_code_of(dtype_codes, 1), 0.0)
     one_plus_scale, shift = load_scale_shift(scale_ptr, shift_ptr, batch, channel, valid,
                                              scale_batch_stride, scale_channel_stride,
-                                             shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+                                             shift_batch_stride, shift_channel_stride, has_scale, has_shift,
+                                             dtype_code_of(dtype_codes, 2), dtype_code_of(dtype_codes, 3))
     gamma = weight * one_plus_scale
     alpha = rstd * gamma
     beta = (bias - mean * rstd * weight) * one_plus_scale + shift
@@ -153,8 +154,9 @@ def _row_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel
 @triton.jit
 def _group_norm_forward_kernel(
     x_ptr, y_ptr,  # (B, C, H, W) in x.dtype, both contiguous in the layout CHANNELS_LAST says
-    weight_ptr, bias_ptr,  # (C,) fp32 contiguous, read only when has_weight / has_bias
-    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    residual_ptr,  # (B, C, H, W) in x.dtype and x's layout, added to y; read only when has_residual
+    weight_ptr, bias_ptr,  # (C,) raw bytes of any float dtype, unit stride, read only when has_weight / has_bias
+    scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     mean_ptr, rstd_ptr,  # (B * G,) fp32 outputs, statistics of each (batch, group)
     partial_mean_ptr, partial_m2_ptr,  # (chunks, B * C) fp32: split path, per-row statistics of each chunk
     batch_stride, line_stride,  # of x and y: C*H*W, and H*W (NCHW) or C (channels_last)
@@ -164,7 +166,8 @@ def _group_norm_forward_kernel(
     groups_per_pack,  # consecutive groups of one batch in one pack; divides groups
     pixel_blocks_per_chunk,  # pixel blocks of one chunk (all of them in MODE_FUSED)
     eps,
-    has_weight, has_bias, has_scale, has_shift, silu,
+    dtype_codes,  # pack_dtype_codes(weight, bias, scale, shift): their runtime dtypes
+    has_weight, has_bias, has_scale, has_shift, silu, has_residual,
     mode,  # MODE_FUSED, MODE_STATS or MODE_APPLY
     BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
@@ -238,7 +241,7 @@ def _group_norm_forward_kernel(
                 alpha, beta, gamma = _row_coefficients(
                     weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, group_mean, rstd,
                     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                    has_weight, has_bias, has_scale, has_shift)
+                    dtype_codes, has_weight, has_bias, has_scale, has_shift)
                 for reversed_pixel_block in range(first_block, end_block):
                     pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
                     pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
@@ -247,6 +250,9 @@ def _group_norm_forward_kernel(
                     x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                 eviction_policy="evict_first")
                     y = activation(x.to(tl.float32) * alpha[:, None] + beta[:, None], silu)
+                    if has_residual:
+                        y += tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
+                                     other=0.0, eviction_policy="evict_first").to(tl.float32)
                     tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty),
                              mask=mask, eviction_policy="evict_first")
 
@@ -254,14 +260,15 @@ def _group_norm_forward_kernel(
 @triton.jit
 def _group_norm_backward_kernel(
     grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, all contiguous in the layout CHANNELS_LAST says
-    weight_ptr, bias_ptr,  # (C,) fp32 contiguous, read only when has_weight / has_bias
-    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    weight_ptr, bias_ptr,  # (C,) raw bytes of any float dtype, unit stride, read only when has_weight / has_bias
+    scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     mean_ptr, rstd_ptr,  # (B * G,) fp32 statistics saved by the forward
     sum_du_xhat_ptr, sum_du_ptr,  # (B * C,) fp32 outputs: per row, sums over pixels of du * xhat and du
     partial_du_xhat_ptr, partial_du_ptr,  # (chunks, B * C) fp32: split path, the same sums per chunk
     batch_stride, line_stride,  # of grad_y, x and grad_x
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
     channels, pixels, channels_per_group, groups, num_packs, groups_per_pack, pixel_blocks_per_chunk,
+    dtype_codes,  # pack_dtype_codes(weight, bias, scale, shift)
     has_weight, has_bias, has_scale, has_shift, silu,
     compute_grad_x,  # False: only the sums (for parameter gradients)
     mode,
@@ -291,7 +298,7 @@ def _group_norm_backward_kernel(
             alpha, beta, gamma = _row_coefficients(
                 weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
                 scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                has_weight, has_bias, has_scale, has_shift)
+                dtype_codes, has_weight, has_bias, has_scale, has_shift)
             sum_du_xhat = tl.zeros([BLOCK_ROWS], tl.float32)
             sum_du = tl.zeros([BLOCK_ROWS], tl.float32)
             if mode == MODE_APPLY:
@@ -332,7 +339,7 @@ def _group_norm_backward_kernel(
                 alpha, beta, gamma = _row_coefficients(
                     weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
                     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                    has_weight, has_bias, has_scale, has_shift)
+                    dtype_codes, has_weight, has_bias, has_scale, has_shift)
                 for reversed_pixel_block in range(first_block, end_block):
                     pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
                     pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
@@ -515,40 +522,52 @@ def _launch(kernel, plan, num_packs, args, meta):
 # Launchers (also called directly by the tests, with explicit plans)
 
 
-def group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=None):
-    """Forward launcher. x (B, C, H, W); weight, bias (C,) or None; scale, shift (B, C) or None.
+def _contiguous_parameter(t):
+    """A (C,) parameter as the kernels index it (unit stride): itself for any nn.Module parameter or view of one."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
+def group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=None, scale_shift=None,
+                       residual=None):
+    """Forward launcher. x (B, C, H, W); weight, bias (C,) or None; scale, shift (B, C) or None, or scale_shift
+    (B, 2C) whose halves are (scale, shift); residual: x's shape and dtype, or None, added after the activation.
 
     Returns y (x's shape and dtype, in kernel_memory_format(x)), mean and rstd ((B, G) fp32).
     plan: a GroupNormPlan to force (tests); by default plan_group_norm's.
     """
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
+    residual = None if residual is None else in_memory_format(residual, memory_format)
     y = empty_output(x)
-    plan, shape_args, meta = _prepare_launch(plan, (x, y), groups, backward=False)
-    weight, bias = as_fp32(weight, contiguous=True), as_fp32(bias, contiguous=True)
-    scale, shift = as_fp32(scale), as_fp32(shift)
+    plan, shape_args, meta = _prepare_launch(plan, (x, y) if residual is None else (x, y, residual), groups,
+                                             backward=False)
+    weight, bias = _contiguous_parameter(weight), _contiguous_parameter(bias)
+    scale, shift = split_scale_shift(scale, shift, scale_shift)
     batch, channels = x.shape[:2]
     mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     partial_mean, partial_m2 = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
                                            device=x.device, dtype=torch.float32)
-    absent = mean  # the pointer passed for a None parameter; never read
+    parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(mean, (weight, bias), (scale, shift))
     args = (
-        x, y, *(absent if t is None else t for t in (weight, bias, scale, shift)),
+        x, y, x if residual is None else residual, *parameter_pointers,
         mean, rstd, partial_mean, partial_m2,
-        *row_strides(x.shape, memory_format), *scale_shift_strides(scale, shift), *shape_args,
-        float(eps), *runtime_flags(weight is not None, bias is not None, scale is not None, shift is not None, silu),
+        *row_strides(x.shape, memory_format), *scale_shift_strides, *shape_args,
+        float(eps), dtype_codes, *runtime_flags(weight is not None, bias is not None, scale is not None, shift is not None, silu,
+                                   residual is not None),
     )
     _launch(_group_norm_forward_kernel, plan, shape_args[4], args, meta)
     return y, mean, rstd
 
 
-def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs, plan=None):
-    """Backward launcher: gradients of group_norm_forward's y.
+def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs, plan=None,
+                        scale_shift=None):
+    """Backward launcher: gradients of group_norm_forward's y (a residual's gradient is grad_y itself).
 
     grad_y, x (B, C, H, W); mean, rstd (B, G) fp32 from the forward. needs: which of (x, weight, bias, scale,
-    shift) want a gradient. Returns (dx, d_weight, d_bias, d_scale, d_shift), each in its input's dtype (dx in
-    kernel_memory_format(x)), None where not needed.
+    shift, scale_shift) want a gradient. Returns (dx, d_weight, d_bias, d_scale, d_shift, d_scale_shift), each in
+    its input's dtype (dx in kernel_memory_format(x)), None where not needed. Two launches: dx and per-row sums,
+    then the parameter gradients (parameter_grads).
     """
     need_x, *need_parameters = needs
     memory_format = kernel_memory_format(x)
@@ -557,26 +576,27 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
     grad_x = empty_output(x) if need_x else None
     plan, shape_args, meta = _prepare_launch(plan, (x, grad_y) if grad_x is None else (x, grad_y, grad_x), groups,
                                              backward=True)
-    weight32, bias32 = as_fp32(weight, contiguous=True), as_fp32(bias, contiguous=True)
-    scale32, shift32 = as_fp32(scale), as_fp32(shift)
+    weight, bias = _contiguous_parameter(weight), _contiguous_parameter(bias)
+    scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels = x.shape[:2]
-    # Separate buffers: either may be returned as a gradient, and the outputs of an operator must not alias.
-    sum_du_xhat = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
-    sum_du = torch.empty_like(sum_du_xhat)
+    # Per-row sums, the (B, 1, C) partials of parameter_grads.
+    sum_du_xhat, sum_du = torch.empty(2, batch, 1, channels, device=x.device, dtype=torch.float32)
     partial_du_xhat, partial_du = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
                                               device=x.device, dtype=torch.float32)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    absent = mean
+    parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(mean, (weight, bias),
+                                                                              (scale_half, shift_half))
     args = (
-        grad_y, x, x if grad_x is None else grad_x,
-        *(absent if t is None else t for t in (weight32, bias32, scale32, shift32)),
+        grad_y, x, x if grad_x is None else grad_x, *parameter_pointers,
         mean, rstd, sum_du_xhat, sum_du, partial_du_xhat, partial_du,
-        *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32), *shape_args,
-        *runtime_flags(weight is not None, bias is not None, scale is not None, shift is not None, silu, need_x),
+        *row_strides(x.shape, memory_format), *scale_shift_strides, *shape_args, dtype_codes,
+        *runtime_flags(weight is not None, bias is not None, scale_half is not None, shift_half is not None, silu,
+                       need_x),
     )
     _launch(_group_norm_backward_kernel, plan, shape_args[4], args, meta)
-    parameter_grads = grads_from_sums(sum_du_xhat, sum_du, weight, bias, scale, shift, need_parameters)
-    return (grad_x, *parameter_grads)
+    parameter_grads_ = parameter_grads(sum_du_xhat, sum_du, weight, bias, scale, shift, scale_shift,
+                                       need_parameters)
+    return (grad_x, *parameter_grads_)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,14 +605,17 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
 
 @torch.library.custom_op("fastunet::group_norm_act", mutates_args=())
 def group_norm_act_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], groups: int,
-                      scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], silu: bool,
+                      scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                      scale_shift: Optional[torch.Tensor], residual: Optional[torch.Tensor], silu: bool,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd): y as group_norm_act, mean and rstd (B, G) fp32 for the backward."""
-    return group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps)
+    """(y, mean, rstd): y as group_norm_act, mean and rstd (B, G) fp32 for the backward. scale_shift (B, 2C), when
+    given, holds (scale, shift) as its two halves and scale, shift are None."""
+    return group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, scale_shift=scale_shift,
+                              residual=residual)
 
 
 @group_norm_act_op.register_fake
-def _(x, weight, bias, groups, scale, shift, silu, eps):
+def _(x, weight, bias, groups, scale, shift, scale_shift, residual, silu, eps):
     mean = x.new_empty((x.shape[0], groups), dtype=torch.float32)
     return empty_output(x), mean, torch.empty_like(mean)
 
@@ -600,18 +623,19 @@ def _(x, weight, bias, groups, scale, shift, silu, eps):
 @torch.library.custom_op("fastunet::group_norm_act_backward", mutates_args=())
 def group_norm_act_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], groups: int,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], silu: bool, mean: torch.Tensor, rstd: torch.Tensor,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, d_weight, d_bias, d_scale, d_shift); a gradient not in `needs` (x, weight, bias, scale, shift) is an
-    empty placeholder."""
-    grads = group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs)
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], scale_shift: Optional[torch.Tensor], silu: bool,
+    mean: torch.Tensor, rstd: torch.Tensor, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_weight, d_bias, d_scale, d_shift, d_scale_shift); a gradient not in `needs` (x, weight, bias, scale,
+    shift, scale_shift) is an empty placeholder."""
+    grads = group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs,
+                                scale_shift=scale_shift)
     return tuple(gradient_or_empty(grad, x) for grad in grads)
 
 
 @group_norm_act_backward_op.register_fake
-def _(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs):
-    like = (x, weight, bias, scale, shift)
+def _(grad_y, x, weight, bias, groups, scale, shift, scale_shift, silu, mean, rstd, needs):
+    like = (x, weight, bias, scale, shift, scale_shift)
     return tuple(
         (empty_output(x) if i == 0 else x.new_empty(t.shape, dtype=t.dtype)) if need else x.new_empty(0)
         for i, (t, need) in enumerate(zip(like, needs))
@@ -619,38 +643,53 @@ def _(grad_y, x, weight, bias, groups, scale, shift, silu, mean, rstd, needs):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, scale, shift, silu, eps = inputs
+    x, weight, bias, groups, scale, shift, scale_shift, residual, silu, eps = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, scale, shift, scale_shift, mean, rstd)
     ctx.groups, ctx.silu = groups, silu
     ctx.mark_non_differentiable(mean, rstd)
+    # Autograd would otherwise fill the unused gradients of mean and rstd with zeros: two kernels per backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    need_x, need_weight, need_bias, _, need_scale, need_shift = ctx.needs_input_grad[:6]
+    x, weight, bias, scale, shift, scale_shift, mean, rstd = ctx.saved_tensors
+    need_x, need_weight, need_bias, _, need_scale, need_shift, need_scale_shift, need_residual = \
+        ctx.needs_input_grad[:8]
     needs = [need_x, need_weight and weight is not None, need_bias and bias is not None,
-             need_scale and scale is not None, need_shift and shift is not None]
-    if not any(needs):
-        return None, None, None, None, None, None, None, None
-    grads = torch.ops.fastunet.group_norm_act_backward(grad_y, x, weight, bias, ctx.groups, scale, shift,
-                                                       ctx.silu, mean, rstd, needs)
-    grad_x, d_weight, d_bias, d_scale, d_shift = (grad if need else None for grad, need in zip(grads, needs))
-    return grad_x, d_weight, d_bias, None, d_scale, d_shift, None, None
+             need_scale and scale is not None, need_shift and shift is not None,
+             need_scale_shift and scale_shift is not None]
+    grads = [None] * 6
+    if grad_y is None:  # y unused (gradients are not materialized)
+        return (None,) * 10
+    if any(needs):
+        grads = torch.ops.fastunet.group_norm_act_backward(grad_y, x, weight, bias, ctx.groups, scale, shift,
+                                                           scale_shift, ctx.silu, mean, rstd, needs)
+        grads = [grad if need else None for grad, need in zip(grads, needs)]
+    grad_x, d_weight, d_bias, d_scale, d_shift, d_scale_shift = grads
+    # d y / d residual is the identity.
+    return (grad_x, d_weight, d_bias, None, d_scale, d_shift, d_scale_shift, grad_y if need_residual else None,
+            None, None)
 
 
 group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5):
-    """`silu?(group_norm(x) * (scale + 1) + shift)`, statistics in fp32, returned in x.dtype.
+def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, eps=1e-5, residual=None):
+    """`silu?(group_norm(x) * (scale + 1) + shift) + residual`, statistics in fp32, returned in x.dtype.
 
     x: (B, C, H, W) fp32/fp16/bf16, any strides (NCHW and channels_last read in place; the result keeps
     channels_last, everything else comes back NCHW-contiguous). weight, bias: (C,) or None, any float dtype.
-    groups: divides C. scale, shift: (B, C) or None, any float dtype and strides. Differentiable in x, weight,
-    bias, scale and shift (gradients in each one's dtype); deterministic.
+    groups: divides C. scale, shift: (B, C) or None, any float dtype and strides; when they are the two halves of
+    one (B, 2C) tensor (time_mlp(t).chunk(2, dim=1)), that tensor is read and differentiated whole. residual: x's
+    shape and dtype, or None. Differentiable in x, weight, bias, scale, shift and residual (gradients in each
+    one's dtype); deterministic.
     """
-    return torch.ops.fastunet.group_norm_act(x, weight, bias, groups, scale, shift, silu, eps)[0]
+    scale_shift = halves_of_one(scale, shift)
+    if scale_shift is not None:
+        scale = shift = None
+    return torch.ops.fastunet.group_norm_act(x, weight, bias, groups, scale, shift, scale_shift, residual, silu,
+                                             eps)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -659,11 +698,12 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
 
 def gpu_compile_configs():
     """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES and
-    BACKWARD_TILES (the only ones plan_group_norm and _prepare_launch allow) for each input dtype. Parameters always
-    reach the kernels in fp32 and optional inputs are runtime flags, so nothing else varies."""
+    BACKWARD_TILES (the only ones plan_group_norm and _prepare_launch allow) for each input dtype, and the
+    parameter-gradient kernel. Parameters reach the kernels as raw bytes with runtime dtype codes and optional
+    inputs are runtime flags, so nothing else varies."""
     kernels = (
-        (_group_norm_forward_kernel, ("x_ptr", "y_ptr"),
-         ("has_weight", "has_bias", "has_scale", "has_shift", "silu")),
+        (_group_norm_forward_kernel, ("x_ptr", "y_ptr", "residual_ptr"),
+         ("has_weight", "has_bias", "has_scale", "has_shift", "silu", "has_residual")),
         (_group_norm_backward_kernel, ("grad_y_ptr", "x_ptr", "grad_x_ptr"),
          ("has_weight", "has_bias", "has_scale", "has_shift", "silu", "compute_grad_x")),
     )
@@ -675,3 +715,4 @@ def gpu_compile_configs():
                                   ALIGN=tile.align)
                 signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags)
                 yield kernel, signature, constexprs, dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+    yield from parameter_grads_compile_configs()

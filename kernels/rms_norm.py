@@ -31,17 +31,21 @@ from fastunet.kernels.scale_shift_act import (
     VECTOR_ELEMENTS,
     activation,
     activation_backward,
-    as_fp32,
     compile_signature,
     empty_output,
     gradient_or_empty,
-    grads_from_sums,
+    halves_of_one,
     in_memory_format,
     kernel_memory_format,
+    dtype_code_of,
+    load_as_fp32,
     load_scale_shift,
+    parameter_arguments,
+    parameter_grads,
+    parameter_grads_compile_configs,
     row_strides,
     runtime_flags,
-    scale_shift_strides,
+    split_scale_shift,
     tile_offsets,
     tile_pointers,
     vector_aligned,
@@ -81,25 +85,28 @@ def _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, li
 @triton.jit
 def _channel_coefficients(g_ptr, scale_ptr, shift_ptr, batch, channel, valid, sqrt_channels,
                           scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                          has_scale, has_shift):
+                          dtype_codes, has_scale, has_shift):
     """Per channel: (coefficient, shift) with pre-activation u = x * rinv * coefficient + shift."""
-    g = tl.load(g_ptr + channel, mask=valid, other=0.0)
+    g = load_as_fp32(g_ptr, channel, valid, dtype_code_of(dtype_codes, 0), 0.0)
     one_plus_scale, shift = load_scale_shift(scale_ptr, shift_ptr, batch, channel, valid,
                                              scale_batch_stride, scale_channel_stride,
-                                             shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+                                             shift_batch_stride, shift_channel_stride, has_scale, has_shift,
+                                             dtype_code_of(dtype_codes, 1), dtype_code_of(dtype_codes, 2))
     return g * sqrt_channels * one_plus_scale, shift
 
 
 @triton.jit
 def _rms_norm_forward_kernel(
     x_ptr, y_ptr,  # (B, C, H, W) in x.dtype, both contiguous in the layout CHANNELS_LAST says
-    g_ptr,  # (C,) fp32 contiguous
-    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    residual_ptr,  # (B, C, H, W) in x.dtype and x's layout, added to y; read only when has_residual
+    g_ptr,  # (C,) raw bytes of any float dtype, unit stride
+    scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     batch_stride, line_stride,  # of x and y: C*H*W, and H*W (NCHW) or C (channels_last)
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
     channels, pixels, pixel_blocks,  # pixel_blocks = cdiv(H*W, BLOCK_PIXELS); the grid is B * pixel_blocks
     eps, sqrt_channels,
-    has_scale, has_shift, silu,
+    dtype_codes,  # pack_dtype_codes(g, scale, shift)
+    has_scale, has_shift, silu, has_residual,
     BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
     program = tl.program_id(0)
@@ -115,12 +122,16 @@ def _rms_norm_forward_kernel(
         channel_valid = channel < channels
         coefficient, shift = _channel_coefficients(
             g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
-            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale,
+            has_shift)
         mask = channel_valid[:, None] & pixel_valid[None, :]
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
         x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
         y = activation(x * rinv[None, :] * coefficient[:, None] + shift[:, None], silu)
+        if has_residual:
+            y += tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
         tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -128,13 +139,14 @@ def _rms_norm_forward_kernel(
 @triton.jit
 def _rms_norm_backward_kernel(
     grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, all contiguous in the layout CHANNELS_LAST says
-    g_ptr,  # (C,) fp32 contiguous
-    scale_ptr, shift_ptr,  # (B, C) fp32 strided, read only when has_scale / has_shift
+    g_ptr,  # (C,) raw bytes of any float dtype, unit stride
+    scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     partial_du_xhat_ptr, partial_du_ptr,  # (B, pixel_blocks, C) fp32 outputs: sums over this program's pixels
     batch_stride, line_stride,  # of grad_y, x and grad_x
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
     channels, pixels, pixel_blocks,
     eps, sqrt_channels,
+    dtype_codes,  # pack_dtype_codes(g, scale, shift)
     has_scale, has_shift, silu,
     compute_grad_x,  # False: only the sums (for parameter gradients)
     BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
@@ -155,7 +167,8 @@ def _rms_norm_backward_kernel(
         channel_valid = channel < channels
         coefficient, shift = _channel_coefficients(
             g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
-            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, has_scale, has_shift)
+            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale,
+            has_shift)
         mask = channel_valid[:, None] & pixel_valid[None, :]
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
         x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
@@ -177,7 +190,7 @@ def _rms_norm_backward_kernel(
             coefficient, shift = _channel_coefficients(
                 g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
                 scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                has_scale, has_shift)
+                dtype_codes, has_scale, has_shift)
             mask = channel_valid[:, None] & pixel_valid[None, :]
             offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
             x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
@@ -224,8 +237,9 @@ def tile_for(name, backward, element_size):
     tile = FORWARD_TILES[name]
     if backward:
         tile = replace(tile, num_warps=2 * tile.num_warps)
-        if element_size == 4:
-            tile = replace(tile, pixels=tile.pixels // 2)
+    if element_size == 4:
+        # fp32 doubles the registers per element: half the pixels (the channels_last forward at 64x64 spilled).
+        tile = replace(tile, pixels=tile.pixels // 2)
     return tile
 
 
@@ -259,54 +273,65 @@ def _prepare_launch(tile_name, tensors, backward):
 # Launchers (also called directly by the tests, with explicit tiles)
 
 
-def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None):
-    """Forward launcher. x (B, C, H, W); g (C,); scale, shift (B, C) or None.
+def _contiguous_parameter(t):
+    """g (C,) as the kernels index it (unit stride): itself for the module's parameter viewed as (C,)."""
+    return t if t.stride(0) == 1 else t.contiguous()
+
+
+def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None, residual=None):
+    """Forward launcher. x (B, C, H, W); g (C,); scale, shift (B, C) or None, or scale_shift (B, 2C) whose halves
+    are (scale, shift); residual: x's shape and dtype, or None, added after the activation.
 
     Returns y: x's shape and dtype, in kernel_memory_format(x). tile: a name in FORWARD_TILES to force (tests).
     """
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
+    residual = None if residual is None else in_memory_format(residual, memory_format)
     y = empty_output(x)
-    grid, pixel_blocks, meta = _prepare_launch(tile, (x, y), backward=False)
-    g32, scale32, shift32 = as_fp32(g, contiguous=True), as_fp32(scale), as_fp32(shift)
+    grid, pixel_blocks, meta = _prepare_launch(tile, (x, y) if residual is None else (x, y, residual),
+                                               backward=False)
+    g = _contiguous_parameter(g)
+    scale, shift = split_scale_shift(scale, shift, scale_shift)
     channels, height, width = x.shape[1:]
+    parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale, shift))
     _rms_norm_forward_kernel[grid](
-        x, y, g32, g32 if scale32 is None else scale32, g32 if shift32 is None else shift32,
-        *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32),
-        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5,
-        *runtime_flags(scale is not None, shift is not None, silu), **meta)
+        x, y, x if residual is None else residual, *parameter_pointers,
+        *row_strides(x.shape, memory_format), *scale_shift_strides,
+        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5, dtype_codes,
+        *runtime_flags(scale is not None, shift is not None, silu, residual is not None), **meta)
     return y
 
 
-def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None):
-    """Backward launcher: gradients of rms_norm_forward's y.
+def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, scale_shift=None):
+    """Backward launcher: gradients of rms_norm_forward's y (a residual's gradient is grad_y itself).
 
-    needs: which of (x, g, scale, shift) want a gradient. Returns (dx, dg, d_scale, d_shift) in each input's
-    dtype (dx in kernel_memory_format(x)), None where not needed.
+    needs: which of (x, g, scale, shift, scale_shift) want a gradient. Returns (dx, dg, d_scale, d_shift,
+    d_scale_shift) in each input's dtype (dx in kernel_memory_format(x)), None where not needed. Two launches: dx
+    and per-program sums, then the parameter gradients (parameter_grads).
     """
-    need_x, *need_parameters = needs
+    need_x, need_g, need_scale, need_shift, need_scale_shift = needs
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
     grad_y = in_memory_format(grad_y, memory_format)
     grad_x = empty_output(x) if need_x else None
     grid, pixel_blocks, meta = _prepare_launch(tile, (x, grad_y) if grad_x is None else (x, grad_y, grad_x),
                                                backward=True)
-    g32, scale32, shift32 = as_fp32(g, contiguous=True), as_fp32(scale), as_fp32(shift)
+    g = _contiguous_parameter(g)
+    scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels, height, width = x.shape
     partial_du_xhat, partial_du = torch.empty(2, batch, pixel_blocks, channels, device=x.device,
                                               dtype=torch.float32)
+    parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale_half, shift_half))
     _rms_norm_backward_kernel[grid](
-        grad_y, x, x if grad_x is None else grad_x, g32,
-        g32 if scale32 is None else scale32, g32 if shift32 is None else shift32, partial_du_xhat, partial_du,
-        *row_strides(x.shape, memory_format), *scale_shift_strides(scale32, shift32),
-        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5,
-        *runtime_flags(scale is not None, shift is not None, silu, need_x), **meta)
-    # Programs' partial sums reduced in a fixed order.
-    sum_du_xhat, sum_du = partial_du_xhat.sum(1), partial_du.sum(1)
-    need_g, need_scale, need_shift = need_parameters
-    d_g, _, d_scale, d_shift = grads_from_sums(sum_du_xhat, sum_du, g, None, scale, shift,
-                                               (need_g, False, need_scale, need_shift))
-    return grad_x, d_g, d_scale, d_shift
+        grad_y, x, x if grad_x is None else grad_x, *parameter_pointers, partial_du_xhat, partial_du,
+        *row_strides(x.shape, memory_format), *scale_shift_strides,
+        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5, dtype_codes,
+        *runtime_flags(scale_half is not None, shift_half is not None, silu, need_x), **meta)
+    # g plays weight (its sums carry the sqrt(C) factor already); there is no bias.
+    d_g, _, d_scale, d_shift, d_scale_shift = parameter_grads(
+        partial_du_xhat, partial_du, g, None, scale, shift, scale_shift,
+        (need_g, False, need_scale, need_shift, need_scale_shift))
+    return grad_x, d_g, d_scale, d_shift, d_scale_shift
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,29 +340,31 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None):
 
 @torch.library.custom_op("fastunet::rms_norm_act", mutates_args=())
 def rms_norm_act_op(x: torch.Tensor, g: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                    silu: bool, eps: float) -> torch.Tensor:
-    """y as rms_norm_act."""
-    return rms_norm_forward(x, g, scale, shift, silu, eps)
+                    scale_shift: Optional[torch.Tensor], residual: Optional[torch.Tensor], silu: bool,
+                    eps: float) -> torch.Tensor:
+    """y as rms_norm_act; scale_shift (B, 2C), when given, holds (scale, shift) as its halves (scale, shift None)."""
+    return rms_norm_forward(x, g, scale, shift, silu, eps, scale_shift=scale_shift, residual=residual)
 
 
 @rms_norm_act_op.register_fake
-def _(x, g, scale, shift, silu, eps):
+def _(x, g, scale, shift, scale_shift, residual, silu, eps):
     return empty_output(x)
 
 
 @torch.library.custom_op("fastunet::rms_norm_act_backward", mutates_args=())
 def rms_norm_act_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor], silu: bool, eps: float, needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dg, d_scale, d_shift); a gradient not in `needs` (x, g, scale, shift) is an empty placeholder."""
-    grads = rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs)
+    shift: Optional[torch.Tensor], scale_shift: Optional[torch.Tensor], silu: bool, eps: float, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dg, d_scale, d_shift, d_scale_shift); a gradient not in `needs` (x, g, scale, shift, scale_shift) is an
+    empty placeholder."""
+    grads = rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, scale_shift=scale_shift)
     return tuple(gradient_or_empty(grad, x) for grad in grads)
 
 
 @rms_norm_act_backward_op.register_fake
-def _(grad_y, x, g, scale, shift, silu, eps, needs):
-    like = (x, g, scale, shift)
+def _(grad_y, x, g, scale, shift, scale_shift, silu, eps, needs):
+    like = (x, g, scale, shift, scale_shift)
     return tuple(
         (empty_output(x) if i == 0 else x.new_empty(t.shape, dtype=t.dtype)) if need else x.new_empty(0)
         for i, (t, need) in enumerate(zip(like, needs))
@@ -345,34 +372,41 @@ def _(grad_y, x, g, scale, shift, silu, eps, needs):
 
 
 def _setup_context(ctx, inputs, output):
-    x, g, scale, shift, silu, eps = inputs
-    ctx.save_for_backward(x, g, scale, shift)
+    x, g, scale, shift, scale_shift, residual, silu, eps = inputs
+    ctx.save_for_backward(x, g, scale, shift, scale_shift)
     ctx.silu, ctx.eps = silu, eps
 
 
 def _backward(ctx, grad_y):
-    x, g, scale, shift = ctx.saved_tensors
-    need_x, need_g, need_scale, need_shift = ctx.needs_input_grad[:4]
-    needs = [need_x, need_g, need_scale and scale is not None, need_shift and shift is not None]
-    if not any(needs):
-        return None, None, None, None, None, None
-    grads = torch.ops.fastunet.rms_norm_act_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs)
-    grad_x, d_g, d_scale, d_shift = (grad if need else None for grad, need in zip(grads, needs))
-    return grad_x, d_g, d_scale, d_shift, None, None
+    x, g, scale, shift, scale_shift = ctx.saved_tensors
+    need_x, need_g, need_scale, need_shift, need_scale_shift, need_residual = ctx.needs_input_grad[:6]
+    needs = [need_x, need_g, need_scale and scale is not None, need_shift and shift is not None,
+             need_scale_shift and scale_shift is not None]
+    grads = [None] * 5
+    if any(needs):
+        grads = torch.ops.fastunet.rms_norm_act_backward(grad_y, x, g, scale, shift, scale_shift, ctx.silu, ctx.eps,
+                                                         needs)
+        grads = [grad if need else None for grad, need in zip(grads, needs)]
+    # d y / d residual is the identity.
+    return (*grads, grad_y if need_residual else None, None, None)
 
 
 rms_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
-    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)` per pixel, in x.dtype.
+def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=None):
+    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift) + residual` per pixel, in x.dtype.
 
     x: (B, C, H, W) fp32/fp16/bf16, any strides (NCHW and channels_last read in place; the result keeps
     channels_last, everything else comes back NCHW-contiguous). g: (C,), any float dtype. scale, shift: (B, C)
-    or None, any float dtype and strides. Differentiable in x, g, scale and shift (gradients in each one's
-    dtype); deterministic.
+    or None, any float dtype and strides; when they are the two halves of one (B, 2C) tensor, that tensor is read
+    and differentiated whole. residual: x's shape and dtype, or None. Differentiable in x, g, scale, shift and
+    residual (gradients in each one's dtype); deterministic.
     """
-    return torch.ops.fastunet.rms_norm_act(x, g, scale, shift, silu, eps)
+    scale_shift = halves_of_one(scale, shift)
+    if scale_shift is not None:
+        scale = shift = None
+    return torch.ops.fastunet.rms_norm_act(x, g, scale, shift, scale_shift, residual, silu, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,10 +415,12 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
 
 def gpu_compile_configs():
     """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES (the only
-    ones plan_rms_norm and _prepare_launch allow), per direction, layout and input dtype. Parameters always
-    reach the kernels in fp32 and optional inputs are runtime flags, so nothing else varies."""
+    ones plan_rms_norm and _prepare_launch allow), per direction, layout and input dtype, and the parameter-gradient
+    kernel. Parameters reach the kernels as raw bytes with runtime dtype codes and optional inputs are runtime
+    flags, so nothing else varies."""
     kernels = (
-        (_rms_norm_forward_kernel, ("x_ptr", "y_ptr"), ("has_scale", "has_shift", "silu")),
+        (_rms_norm_forward_kernel, ("x_ptr", "y_ptr", "residual_ptr"), ("has_scale", "has_shift", "silu",
+                                                                          "has_residual")),
         (_rms_norm_backward_kernel, ("grad_y_ptr", "x_ptr", "grad_x_ptr"),
          ("has_scale", "has_shift", "silu", "compute_grad_x")),
     )
@@ -396,3 +432,4 @@ def gpu_compile_configs():
             signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags,
                                           floats=("eps", "sqrt_channels"))
             yield kernel, signature, constexprs, dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+    yield from parameter_grads_compile_configs()

@@ -8,9 +8,17 @@ The layout is a constexpr, so the compiler knows the unit-stride axis and vector
 it. All (B, C, H, W) tensors of one launch (x, y, dy, dx) share that layout and strides, so one offset tile
 addresses all of them; any other strides (slices, expanded gradients) are copied to it first.
 
-The per-(batch, channel) parameters (weight, bias, g, scale, shift) reach the kernels in fp32 and optional ones
-are skipped by runtime flags, not constexprs: each kernel then compiles once per tile and input dtype rather
-than once per mix of parameter dtypes and flags (see `gpu_compile_configs` in each norm module).
+The per-(batch, channel) parameters (weight, bias, g, scale, shift) are read in their own dtype through their
+strides (no casts, no copies: under autocast scale and shift are the two bf16 halves of the time MLP's output,
+weight and bias fp32 parameters) and converted to fp32 on load; optional ones are skipped by runtime flags, not
+constexprs. The pointer dtypes are part of a compiled kernel's specialization, so each kernel compiles once per
+tile, input dtype and parameter dtype mix actually used: `PARAMETER_DTYPE_MIXES` lists the mixes a model can
+make, and `gpu_compile_configs` in each norm module compiles each of them.
+
+When scale and shift are the two halves of one (B, 2C) tensor (`halves_of_one`), the ops take that tensor whole
+and write its gradient whole: the two halves never pass through autograd separately, so no `cat` joins their
+gradients. The parameter gradients are reduced over the batch (and pixel blocks) by `_parameter_grads_kernel`,
+one small launch in a fixed order (deterministic, no atomics), which writes each gradient in its parameter's dtype.
 """
 
 import functools
@@ -26,23 +34,67 @@ from fastunet.kernels import INTERPRETING
 
 
 @triton.jit
+def load_as_fp32(bytes_ptr, offsets, mask, dtype_code, other):
+    """Elements at `offsets` of a tensor of any float dtype passed as raw bytes (a uint8 view), as fp32.
+
+    dtype_code (runtime, DTYPE_CODES): 0 fp32, 1 fp16, 2 bf16. Parameters reach the kernels this way so that
+    their dtypes are runtime values, not part of the compiled signature: one compiled kernel serves every mix of
+    parameter dtypes (fp32 parameters with bf16 scale/shift under autocast, all fp16 after model.half(), ...)."""
+    if dtype_code == 1:
+        value = tl.load(bytes_ptr.to(tl.pointer_type(tl.float16)) + offsets, mask=mask, other=other).to(tl.float32)
+    elif dtype_code == 2:
+        value = tl.load(bytes_ptr.to(tl.pointer_type(tl.bfloat16)) + offsets, mask=mask, other=other).to(tl.float32)
+    else:
+        value = tl.load(bytes_ptr.to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=other)
+    return value
+
+
+@triton.jit
+def store_from_fp32(bytes_ptr, offsets, value, mask, dtype_code):
+    """Store fp32 `value` into a tensor of any float dtype passed as raw bytes (see load_as_fp32), rounded to it."""
+    if dtype_code == 1:
+        tl.store(bytes_ptr.to(tl.pointer_type(tl.float16)) + offsets, value.to(tl.float16), mask=mask)
+    elif dtype_code == 2:
+        tl.store(bytes_ptr.to(tl.pointer_type(tl.bfloat16)) + offsets, value.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(bytes_ptr.to(tl.pointer_type(tl.float32)) + offsets, value, mask=mask)
+
+
+@triton.jit
+def dtype_code_of(dtype_codes, index):
+    """The DTYPE_CODES entry `index` of a packed `dtype_codes` (pack_dtype_codes: 2 bits each)."""
+    return (dtype_codes >> (2 * index)) & 3
+
+
+@triton.jit
 def load_scale_shift(
-    scale_ptr, shift_ptr,  # (B, C) fp32, strided; not read when the matching flag is False
+    scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided; not read when the matching flag is False
     batch, channel,  # int scalar or vectors: the (batch, channel) of each lane
     mask,  # lanes to read; gives the shape of the results
-    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,  # in elements
     has_scale, has_shift,  # runtime 0/1 flags
+    scale_dtype, shift_dtype,  # runtime DTYPE_CODES
 ):
     """(1 + scale, shift) of each lane as fp32 vectors of mask's shape; (1, 0) where absent."""
     one_plus_scale = tl.where(mask, 1.0, 1.0)
     shift = tl.where(mask, 0.0, 0.0)
     if has_scale:
-        one_plus_scale += tl.load(scale_ptr + batch.to(tl.int64) * scale_batch_stride
-                                  + channel * scale_channel_stride, mask=mask, other=0.0)
+        one_plus_scale += load_as_fp32(scale_ptr, batch.to(tl.int64) * scale_batch_stride
+                                       + channel * scale_channel_stride, mask, scale_dtype, 0.0)
     if has_shift:
-        shift = tl.load(shift_ptr + batch.to(tl.int64) * shift_batch_stride + channel * shift_channel_stride,
-                        mask=mask, other=0.0)
+        shift = load_as_fp32(shift_ptr, batch.to(tl.int64) * shift_batch_stride + channel * shift_channel_stride,
+                             mask, shift_dtype, 0.0)
     return one_plus_scale, shift
+
+
+@triton.jit
+def load_parameter(parameter_ptr, channel, mask, present, dtype_code, absent_value):
+    """A (C,) unit-stride parameter (raw bytes of any float dtype) at `channel` as fp32, or `absent_value` where it
+    is absent (runtime flag `present`) or masked."""
+    value = tl.where(mask, absent_value, absent_value)
+    if present:
+        value = load_as_fp32(parameter_ptr, channel, mask, dtype_code, absent_value)
+    return value
 
 
 @triton.jit
@@ -94,6 +146,61 @@ def activation_backward(grad_out, u, silu):
     return grad_out
 
 
+@triton.jit
+def _parameter_grads_kernel(
+    partial_du_xhat_ptr, partial_du_ptr,  # (B, P, C) fp32 contiguous: per (batch, partial, channel) sums
+    weight_ptr, bias_ptr,  # (C,) raw bytes, unit stride; read only when has_weight / has_bias
+    scale_ptr,  # (B, C) raw bytes, strided; read only when has_scale
+    d_weight_ptr, d_bias_ptr,  # (C,) raw bytes of outputs in weight's / bias's dtype
+    d_scale_ptr, d_shift_ptr,  # (B, C) raw bytes of outputs in scale's / shift's dtype, strided
+    scale_batch_stride, scale_channel_stride,  # in elements, as every stride here
+    d_scale_batch_stride, d_scale_channel_stride, d_shift_batch_stride, d_shift_channel_stride,
+    batch, partials, channels,
+    dtype_codes,  # pack_dtype_codes(weight, bias, scale, shift)
+    has_weight, has_bias, has_scale,
+    need_weight, need_bias, need_scale, need_shift,
+    BLOCK_PARTIALS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+):
+    """Parameter gradients of `out = act((xhat * weight + bias) * (scale + 1) + shift)` from per-partial sums of
+    du * xhat and du (du = d loss / d pre-activation): with s1, s0 their sums over the partials of one (batch,
+    channel), d_weight = sum_b s1 * (1 + scale), d_bias = sum_b s0 * (1 + scale), d_scale = s1 * weight + s0 * bias
+    (d out / d scale is xhat * weight + bias), d_shift = s0. One program per block of channels walks the batch
+    and the partials in order: deterministic."""
+    channel = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    valid = channel < channels
+    weight_dtype, bias_dtype = dtype_code_of(dtype_codes, 0), dtype_code_of(dtype_codes, 1)
+    scale_dtype, shift_dtype = dtype_code_of(dtype_codes, 2), dtype_code_of(dtype_codes, 3)
+    weight = load_parameter(weight_ptr, channel, valid, has_weight, weight_dtype, 1.0)
+    bias = load_parameter(bias_ptr, channel, valid, has_bias, bias_dtype, 0.0)
+    d_weight = tl.zeros([BLOCK_CHANNELS], tl.float32)
+    d_bias = tl.zeros([BLOCK_CHANNELS], tl.float32)
+    for b in range(batch):
+        sum_du_xhat = tl.zeros([BLOCK_CHANNELS], tl.float32)
+        sum_du = tl.zeros([BLOCK_CHANNELS], tl.float32)
+        for first in range(0, partials, BLOCK_PARTIALS):
+            partial = first + tl.arange(0, BLOCK_PARTIALS)
+            offsets = (b * partials + partial).to(tl.int64)[:, None] * channels + channel[None, :]
+            mask = (partial < partials)[:, None] & valid[None, :]
+            sum_du_xhat += tl.sum(tl.load(partial_du_xhat_ptr + offsets, mask=mask, other=0.0), 0)
+            sum_du += tl.sum(tl.load(partial_du_ptr + offsets, mask=mask, other=0.0), 0)
+        one_plus_scale = tl.where(valid, 1.0, 1.0)
+        if has_scale:
+            one_plus_scale += load_as_fp32(scale_ptr, b * scale_batch_stride + channel * scale_channel_stride,
+                                           valid, scale_dtype, 0.0)
+        d_weight += sum_du_xhat * one_plus_scale
+        d_bias += sum_du * one_plus_scale
+        if need_scale:
+            store_from_fp32(d_scale_ptr, b * d_scale_batch_stride + channel * d_scale_channel_stride,
+                            sum_du_xhat * weight + sum_du * bias, valid, scale_dtype)
+        if need_shift:
+            store_from_fp32(d_shift_ptr, b * d_shift_batch_stride + channel * d_shift_channel_stride, sum_du, valid,
+                            shift_dtype)
+    if need_weight:
+        store_from_fp32(d_weight_ptr, channel, d_weight, valid, weight_dtype)
+    if need_bias:
+        store_from_fp32(d_bias_ptr, channel, d_bias, valid, bias_dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Host code
 
@@ -140,12 +247,123 @@ def empty_output(x, dtype=None):
     return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=kernel_memory_format(x))
 
 
-def as_fp32(t, contiguous=False):
-    """`t` in fp32 (no copy when it already is; contiguous if asked), or None."""
+# Runtime dtype codes of the parameters (load_as_fp32, store_from_fp32).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def parameter_bytes(t):
+    """(raw bytes, (strides in elements)) of a parameter tensor for the kernels: a uint8 view of its memory (no
+    copy, the kernel reads it through its strides in its own dtype; a copy only when its last dimension is not
+    unit-stride, which no parameter or time-MLP output is), or (None, zeros) when t is None."""
     if t is None:
+        return None, (0, 0)
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    strides = t.stride() if t.dim() == 2 else (0, t.stride(0))
+    return t.view(torch.uint8), strides
+
+
+def pack_dtype_codes(*tensors):
+    """The DTYPE_CODES of `tensors` (None counts as fp32), 2 bits each, first tensor lowest (dtype_code_of)."""
+    codes = 0
+    for index, t in enumerate(tensors):
+        codes |= (0 if t is None else DTYPE_CODES[t.dtype]) << (2 * index)
+    return codes
+
+
+def halves_of_one(scale, shift):
+    """The (B, 2C) tensor whose two halves along dim 1 are exactly `scale` and `shift` (views, as
+    `time_mlp(t).chunk(2, dim=1)` makes them: their base itself, or a slice of a wider base), or None."""
+    if scale is None or shift is None:
         return None
-    t = t.float()
-    return t.contiguous() if contiguous else t
+    base = scale._base
+    if base is None or shift._base is not base or base.dim() != 2 or scale.dim() != 2:
+        return None
+    channels = scale.shape[1]
+    column = (scale.storage_offset() - base.storage_offset()) // max(base.stride(1), 1)
+    if (base.shape[0] != scale.shape[0] or shift.shape != scale.shape
+            or scale.stride() != base.stride() or shift.stride() != base.stride()
+            or scale.storage_offset() != base.storage_offset() + column * base.stride(1)
+            or shift.storage_offset() != scale.storage_offset() + channels * base.stride(1)
+            or column < 0 or column + 2 * channels > base.shape[1]):
+        return None
+    # Adjacent columns of a wider tensor (several blocks' time MLPs in one GEMM): one (B, 2C) slice of it.
+    return base if base.shape[1] == 2 * channels else base.narrow(1, column, 2 * channels)
+
+
+def split_scale_shift(scale, shift, scale_shift):
+    """(scale, shift) views: the halves of scale_shift (B, 2C) when given, else scale and shift themselves."""
+    if scale_shift is None:
+        return scale, shift
+    return scale_shift.chunk(2, dim=1)
+
+
+def parameter_grads(partial_du_xhat, partial_du, weight, bias, scale, shift, scale_shift, needs):
+    """The parameter gradients from per-(batch, partial, channel) sums, in one launch of _parameter_grads_kernel.
+
+    partial_du_xhat, partial_du: (B, P, C) fp32, contiguous. weight, bias: (C,) or None; scale, shift: (B, C) or
+    None; scale_shift: (B, 2C) or None (then scale, shift are None and its two halves are meant). needs: which of
+    (weight, bias, scale, shift, scale_shift) want a gradient. Returns (d_weight, d_bias, d_scale, d_shift,
+    d_scale_shift), each in its parameter's dtype, None where not wanted.
+    """
+    need_weight, need_bias, need_scale, need_shift, need_scale_shift = needs
+    if not any(needs):
+        return None, None, None, None, None
+    batch, partials, channels = partial_du.shape
+    device = partial_du.device
+    scale, shift = split_scale_shift(scale, shift, scale_shift)
+    d_weight = torch.empty(channels, device=device, dtype=weight.dtype) if need_weight else None
+    d_bias = torch.empty(channels, device=device, dtype=bias.dtype) if need_bias else None
+    d_scale_shift = torch.empty(batch, 2 * channels, device=device, dtype=scale_shift.dtype) \
+        if need_scale_shift else None
+    if d_scale_shift is not None:
+        d_scale, d_shift = d_scale_shift.chunk(2, dim=1)
+    else:
+        d_scale = torch.empty(batch, channels, device=device, dtype=scale.dtype) if need_scale else None
+        d_shift = torch.empty(batch, channels, device=device, dtype=shift.dtype) if need_shift else None
+    absent = partial_du.view(torch.uint8)  # the pointer passed for what is absent or not wanted; never used
+    block_channels = 32
+    views = [parameter_bytes(t) for t in (weight, bias, scale, d_weight, d_bias, d_scale, d_shift)]
+    _parameter_grads_kernel[(triton.cdiv(channels, block_channels),)](
+        partial_du_xhat, partial_du, *(absent if view is None else view for view, _ in views),
+        *views[2][1], *views[5][1], *views[6][1],
+        batch, partials, channels, pack_dtype_codes(weight, bias, scale, shift),
+        *runtime_flags(weight is not None, bias is not None, scale is not None,
+                       d_weight is not None, d_bias is not None, d_scale is not None, d_shift is not None),
+        BLOCK_PARTIALS=PARAMETER_GRADS_BLOCK_PARTIALS, BLOCK_CHANNELS=block_channels, num_warps=4)
+    if d_scale_shift is not None:
+        return d_weight, d_bias, None, None, d_scale_shift
+    return d_weight, d_bias, d_scale, d_shift, None
+
+
+# Partials summed per step by _parameter_grads_kernel: [16, 32] fp32 tiles, 4 per thread of 4 warps.
+PARAMETER_GRADS_BLOCK_PARTIALS = 16
+
+
+def parameter_grads_compile_configs():
+    """(kernel, signature, constexprs, options, attrs) of _parameter_grads_kernel: the only configuration (its
+    parameter dtypes are runtime values), with the 16-divisibility a Unet launch gets (aligned pointers, channel
+    counts and strides multiples of 16)."""
+    kernel = _parameter_grads_kernel
+    constexprs = dict(BLOCK_PARTIALS=PARAMETER_GRADS_BLOCK_PARTIALS, BLOCK_CHANNELS=32)
+    flags = ("has_weight", "has_bias", "has_scale", "need_weight", "need_bias", "need_scale", "need_shift")
+    signature = compile_signature(kernel, constexprs, torch.float32, (), flags, floats=())
+    yield kernel, signature, constexprs, dict(num_warps=4), divisibility_attrs(
+        kernel, signature, ("scale_batch_stride", "d_scale_batch_stride", "d_shift_batch_stride", "channels"))
+
+
+def parameter_arguments(absent, vectors, matrices):
+    """Kernel arguments for (C,) `vectors` and (B, C) `matrices` of any float dtype, each possibly None: (pointers,
+    strides, dtype_codes): the raw-byte views (parameter_bytes; for None a 16-byte allocation on `absent`'s device,
+    never read), vectors
+    first; the (batch, channel) element strides of each matrix; pack_dtype_codes of all, in the same order."""
+    parameters = (*vectors, *matrices)
+    views = [parameter_bytes(t) for t in parameters]
+    if any(view is None for view, _ in views):
+        absent = torch.empty(16, dtype=torch.uint8, device=absent.device)
+    pointers = [absent if view is None else view for view, _ in views]
+    strides = [stride for _, pair in views[len(vectors):] for stride in pair]
+    return pointers, strides, pack_dtype_codes(*parameters)
 
 
 def scale_shift_strides(scale, shift):
@@ -166,34 +384,6 @@ def device_limits(device):
     return props.multi_processor_count, getattr(props, "L2_cache_size", 50 << 20)
 
 
-def grads_from_sums(sum_du_xhat, sum_du, weight, bias, scale, shift, needs):
-    """Parameter gradients of `out = act((xhat * weight + bias) * (scale + 1) + shift)` from sums over pixels.
-
-    sum_du_xhat, sum_du: (B, C) fp32: per (batch, channel), the sum over pixels of d loss / d u times xhat, and of
-    d loss / d u, where u is the pre-activation and xhat the normalized input (the RMS norm passes g as weight
-    and no bias). weight, bias: (C,) or None; scale, shift: (B, C) or None; needs: which of (weight, bias,
-    scale, shift) want a gradient. Returns those four gradients (None where not wanted) in each parameter's
-    own dtype; the batch sums are torch.sum over a dimension, a fixed order, so they are deterministic.
-    """
-    need_weight, need_bias, need_scale, need_shift = needs
-    d_weight = d_bias = d_scale = d_shift = None
-    one_plus_scale = None if scale is None else scale.float() + 1
-    if need_weight:
-        d_weight = (sum_du_xhat if one_plus_scale is None else sum_du_xhat * one_plus_scale).sum(0).to(weight.dtype)
-    if need_bias:
-        d_bias = (sum_du if one_plus_scale is None else sum_du * one_plus_scale).sum(0).to(bias.dtype)
-    if need_scale:
-        # d out / d scale is z = xhat * weight + bias, so its sum against d loss / d u is sum_du_xhat * weight +
-        # sum_du * bias.
-        z_sum = sum_du_xhat if weight is None else sum_du_xhat * weight.float()
-        if bias is not None:
-            z_sum = z_sum + sum_du * bias.float()
-        d_scale = z_sum.to(scale.dtype)
-    if need_shift:
-        d_shift = sum_du.to(shift.dtype)
-    return d_weight, d_bias, d_scale, d_shift
-
-
 def gradient_or_empty(grad, like):
     """What a backward custom op returns for one gradient: it, or an empty placeholder when not computed
     (operator schemas have no optional outputs; the autograd formula turns the placeholder back into None)."""
@@ -208,10 +398,23 @@ def runtime_flags(*conditions):
     return tuple(bool(c) for c in conditions)
 
 
+# Pointer arguments that carry parameters as raw bytes (parameter_bytes) in every kernel of the fused norms.
+PARAMETER_POINTERS = {"weight_ptr", "bias_ptr", "g_ptr", "scale_ptr", "shift_ptr", "d_weight_ptr", "d_bias_ptr",
+                      "d_scale_ptr", "d_shift_ptr"}
+
+
+def divisibility_attrs(kernel, signature, divisible_ints):
+    """Triton's `attrs` (tests/gpu_compile.py) for a launch whose pointers are all 16-byte aligned and whose
+    `divisible_ints` are multiples of 16, as Triton's launch specializes them: {(index,): [["tt.divisibility", 16]]}."""
+    return {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+            if signature[name] != "constexpr" and (signature[name].startswith("*") or name in divisible_ints)}
+
+
 def compile_signature(kernel, constexprs, x_dtype, x_pointers, flags, floats=("eps",)):
     """The `signature` of triton.compiler.ASTSource for one kernel of the fused norms.
 
-    x_pointers: pointer arguments in the input dtype `x_dtype`; every other pointer is fp32. flags: runtime bool
+    x_pointers: pointer arguments in the input dtype `x_dtype`; PARAMETER_POINTERS are raw bytes (u8); every other
+    pointer is fp32. flags: runtime bool
     arguments (runtime_flags); floats: fp32 scalars; constexprs: the constexpr values. Every other argument is an i32 (strides
     and sizes; Triton would pick i64 for values of 2**31 and more, and the same code compiles).
     """
@@ -219,6 +422,8 @@ def compile_signature(kernel, constexprs, x_dtype, x_pointers, flags, floats=("e
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in PARAMETER_POINTERS:
+            signature[name] = "*u8"
         elif name.endswith("_ptr"):
             signature[name] = "*" + (TRITON_DTYPE_NAMES[x_dtype] if name in x_pointers else "fp32")
         elif name in flags:

@@ -96,10 +96,10 @@ class _ForcedPlan(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
         needs = [ctx.needs_input_grad[i] and (i == 0 or t is not None)
-                 for i, t in zip((0, 1, 2, 4, 5), (x, weight, bias, scale, shift))]
+                 for i, t in zip((0, 1, 2, 4, 5), (x, weight, bias, scale, shift))] + [False]
         grads = gn.group_norm_backward(grad_y, x, weight, bias, ctx.groups, scale, shift, ctx.silu, mean, rstd,
                                        needs, plan=ctx.plan)
-        grad_x, d_weight, d_bias, d_scale, d_shift = grads
+        grad_x, d_weight, d_bias, d_scale, d_shift, _ = grads
         return grad_x, d_weight, d_bias, None, d_scale, d_shift, None, None, None
 
 
@@ -249,7 +249,8 @@ def test_forced_plan_is_checked(device):
 def test_opcheck(device):
     x, weight, bias, scale, _ = make_inputs((2, 8, 4, 4), 2, torch.float32, device)
     args = [t.detach().clone().requires_grad_() for t in (x, weight, bias, scale)]
-    torch.library.opcheck(torch.ops.fastunet.group_norm_act.default, (*args[:3], 2, args[3], None, True, 1e-5))
+    torch.library.opcheck(torch.ops.fastunet.group_norm_act.default,
+                          (*args[:3], 2, args[3], None, None, None, True, 1e-5))
 
 
 def test_torch_compile(device):
@@ -282,3 +283,53 @@ def test_gpu_compile():
     """Every configuration the plans can launch compiles for sm_80 and sm_90 (with Triton's bundled ptxas, no
     GPU needed), within shared memory, without register spills (see SPILL_BYTES_ALLOWED)."""
     assert_every_config_compiles_cleanly("fastunet.kernels.group_norm", SPILL_BYTES_ALLOWED)
+
+
+def unet_style_call(dtype, device):
+    """A ResnetBlock's norm forward+backward as the Unet makes it: x in `dtype` (bf16 under autocast), weight and
+    bias fp32 (bf16 autocast) or `dtype`, scale/shift the two chunk() halves of one (B, 2C) time-MLP output in
+    `dtype`, SiLU on; returns the step and the leaves."""
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    x, weight, bias, _, _ = make_inputs((2, 16, 8, 8), 4, dtype, device, param_dtype=param_dtype)
+    time_mlp = (0.5 * torch.randn(2, 32, generator=torch.Generator().manual_seed(3))).to(device, dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, time_mlp)]
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+
+    def step():
+        scale, shift = leaves[3].chunk(2, dim=1)
+        gn.group_norm_act(leaves[0], leaves[1], leaves[2], 4, scale, shift, True).backward(grad_y)
+    return step, leaves
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unet_call_costs_at_most_four_gpu_kernels(dtype, device):
+    """Forward + backward as a ResnetBlock calls it: no casts, zero-fills, cat or torch reductions around the
+    Triton launches (a count from torch.profiler on CPU, see bench/kernel_count.py, not a timing)."""
+    from kernel_count import count_gpu_kernels
+    step, leaves = unet_style_call(dtype, device)
+    counted = count_gpu_kernels(step)
+    assert counted.total <= 4, counted.summary(top=20)
+    assert all(name.startswith("triton::") for name in counted.by_name), counted.summary(top=20)
+    # Every gradient in its parameter's dtype, the time-MLP output's in one piece.
+    assert [t.grad.dtype for t in leaves] == [t.dtype for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_residual_is_added_after_the_activation(dtype, device):
+    """`act(norm(x) * (scale + 1) + shift) + residual`, with the residual's gradient passed through; the
+    chunked scale/shift halves are read and differentiated as one tensor."""
+    x, weight, bias, scale, shift = make_inputs((2, 16, 8, 8), 4, dtype, device, param_dtype=torch.float32)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    results = []
+    for fn in (gn.group_norm_act, reference.group_norm_act):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, scale._base, residual)]
+        y = fn(leaves[0], leaves[1], leaves[2], 4, *leaves[3].chunk(2, dim=1), True, residual=leaves[4])
+        y.backward(torch.ones_like(y))
+        results.append([y, *(t.grad for t in leaves)])
+    (y, dx, d_weight, d_bias, d_time, d_residual), expected = results
+    assert_close(y, expected[0], what="y")
+    assert_close(dx, expected[1], what="dx")
+    for name, grad, grad_ref in zip(("d_weight", "d_bias"), (d_weight, d_bias), expected[2:4]):
+        assert_sum_close(grad, grad_ref, 2 * 8 * 8, name)
+    assert_sum_close(d_time, expected[4], 8 * 8, "d_scale_shift")
+    assert torch.equal(d_residual, expected[5]), "the residual's gradient is the output's"

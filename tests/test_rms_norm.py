@@ -64,9 +64,9 @@ class _ForcedTile(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, g, scale, shift = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[i] and t is not None for i, t in enumerate((x, g, scale, shift))]
+        needs = [ctx.needs_input_grad[i] and t is not None for i, t in enumerate((x, g, scale, shift))] + [False]
         grads = rn.rms_norm_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs, tile=ctx.tile)
-        return (*grads, None, None, None)
+        return (*grads[:4], None, None, None)
 
 
 def check_against_reference(x, g, scale, shift, silu, tile=None):
@@ -203,7 +203,7 @@ def test_forced_tile_is_checked(device):
 def test_opcheck(device):
     x, g, scale, _ = make_inputs((2, 8, 4, 4), torch.float32, device)
     args = [t.detach().clone().requires_grad_() for t in (x, g, scale)]
-    torch.library.opcheck(torch.ops.fastunet.rms_norm_act.default, (*args, None, True, 1e-12))
+    torch.library.opcheck(torch.ops.fastunet.rms_norm_act.default, (*args, None, None, None, True, 1e-12))
 
 
 def test_torch_compile(device):
@@ -229,3 +229,42 @@ def test_gpu_compile():
     """Every configuration the plans can launch compiles for sm_80 and sm_90 (with Triton's bundled ptxas, no
     GPU needed), within shared memory, without register spills."""
     assert_every_config_compiles_cleanly("fastunet.kernels.rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unet_call_costs_at_most_four_gpu_kernels(dtype, device):
+    """Forward + backward as a 2.x ResnetBlock calls it (g fp32 under bf16 autocast, scale/shift the chunk()
+    halves of one time-MLP output): at most 4 GPU kernels, all Triton (torch.profiler on CPU, not a timing)."""
+    from kernel_count import count_gpu_kernels
+    g_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    x, g, _, _ = make_inputs((2, 16, 8, 8), dtype, device, param_dtype=g_dtype)
+    time_mlp = (0.5 * torch.randn(2, 32, generator=torch.Generator().manual_seed(3))).to(device, dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, g, time_mlp)]
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+
+    def step():
+        scale, shift = leaves[2].chunk(2, dim=1)
+        rn.rms_norm_act(leaves[0], leaves[1], scale, shift, True).backward(grad_y)
+    counted = count_gpu_kernels(step)
+    assert counted.total <= 4, counted.summary(top=20)
+    assert all(name.startswith("triton::") for name in counted.by_name), counted.summary(top=20)
+    assert [t.grad.dtype for t in leaves] == [t.dtype for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_residual_is_added_after_the_activation(dtype, device):
+    """`act(rms_norm(x) * (scale + 1) + shift) + residual` with the residual's gradient passed through."""
+    x, g, scale, shift = make_inputs((2, 16, 8, 8), dtype, device, param_dtype=torch.float32)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    results = []
+    for fn in (rn.rms_norm_act, reference.rms_norm_act):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, g, scale._base, residual)]
+        y = fn(leaves[0], leaves[1], *leaves[2].chunk(2, dim=1), True, residual=leaves[3])
+        y.backward(torch.ones_like(y))
+        results.append([y, *(t.grad for t in leaves)])
+    (y, dx, d_g, d_time, d_residual), expected = results
+    assert_close(y, expected[0], what="y")
+    assert_close(dx, expected[1], what="dx")
+    assert_sum_close(d_g, expected[2], 2 * 8 * 8, "dg")
+    assert_sum_close(d_time, expected[3], 8 * 8, "d_scale_shift")
+    assert torch.equal(d_residual, expected[4]), "the residual's gradient is the output's"

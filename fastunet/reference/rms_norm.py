@@ -3,16 +3,17 @@
 import torch
 
 from fastunet.reference.precision import upcast
-from fastunet.reference.scale_shift_act import per_channel, scale_shift_act
+from fastunet.reference.scale_shift_act import add_residual, per_channel, scale_shift_act
 
 
-def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
-    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)`, per pixel.
+def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=None):
+    """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift) + residual`, per pixel.
 
-    Computed in fp32, returned in x.dtype.
+    Computed in fp32, returned in x.dtype (rounded once, after the residual is added).
     x: (B, C, H, W) fp32/fp16/bf16, any strides.
     g: (C,) gain, any float dtype.
     scale, shift: (B, C) or None.
+    residual: x's shape, or None (e.g. the input of an attention block, `to_out(...) + x`).
     """
     x_float = upcast(x)
     inverse_norm = torch.linalg.vector_norm(x_float, dim=1, keepdim=True).clamp_min(eps).reciprocal()
@@ -21,4 +22,4 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12):
     if scale is not None:
         multiplier = multiplier * (per_channel(scale) + 1)
     y = scale_shift_act(x_float * inverse_norm, multiplier, None if shift is None else per_channel(shift), silu)
-    return y.to(x.dtype)
+    return add_residual(y, residual).to(x.dtype)

@@ -24,3 +24,8 @@ def scale_shift_act(y, multiplier, shift, silu):
     elif shift is not None:
         y = y + shift
     return F.silu(y) if silu else y
+
+
+def add_residual(y, residual):
+    """y + residual in y's precision (fp32, or float64), or y when residual is None."""
+    return y if residual is None else y + residual.to(y.dtype)

@@ -974,6 +974,8 @@ def gpu_compile_configs(arch=None):
     the input dtype (a .half()/.bfloat16() model). The combines, whose loads do not depend on N, compile aligned
     (their pointers always are) for fp32, fp16 and bf16 memory slots.
     """
+    if arch in _CONSUMER_ARCHS:
+        return _consumer_compile_configs(arch)
     limits = sorted(set(SHARED_MEMORY_OPTIN.values())) if arch is None else [SHARED_MEMORY_OPTIN[arch]]
     configs = []
     for dtype, pointer_type in _POINTER_TYPES.items():
@@ -1016,4 +1018,33 @@ def _streaming_configs(dtype, pointer_type, head_dim, blocks, only_key_value=Fal
                 signature = _signature(kernel, pointer_type, constexprs, memory_type)
                 attrs = _divisibility(kernel, signature) if aligned else None
                 configs.append((kernel, signature, constexprs, options, attrs))
+    return configs
+
+
+# Architectures with sm_80's instructions (mma.sync, cp.async) and 99 KB of shared memory.
+_CONSUMER_ARCHS = (86, 89, 120)
+
+
+def _consumer_compile_configs(arch):
+    """The configurations compiled for sm_86 / sm_89 / sm_120. Their tiles are sm_80's but for the key/value
+    kernel's row split at D = 128, and sm_80's compile holds every build to the registers and spills; compiling
+    them all again per architecture would triple the compile test. These check each target's ptxas and its 99 KB
+    on the builds the Unet trains with (fp16/bf16 with the launch's divisibility, fp32 memory slots) and on every
+    build of the key/value kernel at D = 128, the one that needs the split (fp32 included)."""
+    configs = []
+    for dtype, pointer_type in _POINTER_TYPES.items():
+        for head_dim in HEAD_DIMS:
+            blocks = _gpu_blocks(head_dim, dtype, SHARED_MEMORY_OPTIN[arch])
+            for config in _streaming_configs(dtype, pointer_type, head_dim, blocks):
+                kernel, signature, _, _, attrs = config
+                key_value_128 = kernel is _key_value_grad_kernel and head_dim == 128
+                autocast = dtype != torch.float32 and attrs is not None and signature.get("dmem_k_ptr") != pointer_type
+                if key_value_128 or autocast:
+                    configs.append(config)
+    for head_dim in HEAD_DIMS:
+        constexprs = {"D": head_dim, "ROWS": COMBINE_ROWS, "BLOCK_M": MEMORY_BLOCK, "UPCAST": False,
+                      "stride_mkm": 1, "stride_mvm": 1}
+        for kernel in (_context_combine_kernel, _context_grad_combine_kernel):
+            signature = _signature(kernel, "*fp32", constexprs, "*fp32")
+            configs.append((kernel, signature, constexprs, {"num_warps": 4}, _divisibility(kernel, signature)))
     return configs

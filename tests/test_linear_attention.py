@@ -243,6 +243,8 @@ def test_heuristic_selects_listed_configs(arch, monkeypatch):
     monkeypatch.setattr(kernel_module, "_sm_count", lambda index: 132)
     monkeypatch.setattr(kernel_module, "_shared_memory", lambda index: kernel_module.SHARED_MEMORY_OPTIN[arch])
     listed = _gpu_configs(arch)
+    if arch in kernel_module._CONSUMER_ARCHS:  # sm_80's builds, compiled for sm_80, cover the rest of their tiles
+        listed |= _gpu_configs(80)
     streaming = ("_context_partial_kernel", "_output_kernel", "_query_grad_kernel", "_key_value_grad_kernel")
     for dtype, pointer in kernel_module._POINTER_TYPES.items():
         for head_dim in kernel_module.HEAD_DIMS:

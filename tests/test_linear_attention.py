@@ -374,7 +374,7 @@ def test_grid_axis_limit():
 def test_layer_kernel_count():
     """One LinearAttention layer forward+backward as the Unet calls it (bf16 autocast, bf16 activations,
     `x = attn(x, residual=x)`), convolutions included: at most 24 GPU kernels (38 before the packed ops, counted
-    by the issue; 31 by bench/kernel_count.py before, 21 after)."""
+    by the issue; 31 by bench/kernel_count.py before, 20 after, the residual added in the output norm's kernel)."""
     from kernel_count import count_gpu_kernels
 
     import fastunet
@@ -393,3 +393,25 @@ def test_layer_kernel_count():
         counted = count_gpu_kernels(step)
     assert counted.total <= 24, counted.summary(top=30)
     assert not {"aten::stack", "aten::cat", "aten::zeros"} & set(counted.by_name), counted.summary(top=30)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_layer_residual(backend, device):
+    """LinearAttention(x, residual=r) (the residual fused into the output RMSNorm) equals LinearAttention(x) + r,
+    upstream's value, forward and gradients; a residual of another dtype is added outside the norm."""
+    import fastunet
+    from fastunet.attention import LinearAttention
+
+    torch.manual_seed(6)
+    layer = LinearAttention(32, heads=2, dim_head=16).to(device)
+    x = torch.randn(2, 32, 4, 4, device=device)
+    residual = torch.randn(2, 32, 4, 4, device=device)
+    with fastunet.use_backend(backend):
+        fused, fused_grads = _run(lambda a, r: layer(a, residual=r), [x, residual], torch.ones_like(x))
+        plain, plain_grads = _run(lambda a, r: layer(a) + r, [x, residual], torch.ones_like(x))
+        mixed = layer(x, residual=residual.double())
+    assert_close(fused, plain, what="fused residual")
+    for name, a, b in zip(("dx", "dresidual"), fused_grads, plain_grads):
+        assert_close(a, b, what=name)
+    assert mixed.dtype == torch.float64
+    assert_close(mixed.float(), plain, what="residual of another dtype")

@@ -271,3 +271,31 @@ def test_fp16_autocast_training_with_grad_scaler_stays_finite():
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert scales == [2.0**10] * 2, f"the GradScaler skipped steps for non-finite gradients: scales {scales}"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_attention_module_in_fp16_autocast_where_upstream_overflows():
+    """upstream 2.3.4's Attention computes q k^T in fp16 under autocast: with |q|, |k| up to ~370 (to_qkv weights
+    x200) the logits pass fp16's 65504 and its softmax returns NaN (all 256 outputs here). fastunet's kernel
+    accumulates the logits in fp32: finite, and near the fp32 model (measured: 0.082 off an output of scale 172,
+    0.05%; the fp16 rounding of q and k moves logits of ~1e4 by several units, which can shift a near one-hot
+    softmax, so the bound is 1% of the output's scale)."""
+    from upstream import upstream_2
+
+    torch.manual_seed(0)
+    theirs = upstream_2().denoising_diffusion_pytorch.Attention(16, heads=1, dim_head=32).to(DEVICE)
+    ours = fastunet.Attention(16, heads=1, dim_head=32).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for module in (theirs, ours):
+            module.to_qkv.weight.mul_(200)
+    x = randn(1, 16, 4, 4).to(DEVICE)
+    expected = theirs(x)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        theirs_out = theirs(x)
+        with fastunet.use_backend("triton"):
+            ours_out = ours(x)
+    assert torch.isnan(theirs_out).any(), "upstream no longer overflows here: the case does not show what it claims"
+    assert torch.isfinite(ours_out).all(), "fastunet's fp16 attention returned non-finite values"
+    error = (ours_out.float() - expected).abs().max().item()
+    print(f"fp16 autocast attention: error {error:.3g} vs output scale {expected.abs().max():.3g}")
+    assert error < 0.01 * expected.abs().max().item(), f"error {error:.3g} vs output scale {expected.abs().max():.3g}"

@@ -17,7 +17,6 @@ from fastunet.kernels.rms_norm import rms_norm_act
 from measure import CUDA, GPU_ONLY_REASON, pass_step, run_benchmark
 
 pytestmark = [
-    pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON),
     # Timings come from do_bench (in extra_info); pytest-benchmark's own rounds only need to be few.
     pytest.mark.benchmark(max_time=0.2, min_rounds=3, warmup=False),
 ]
@@ -52,6 +51,7 @@ def _inputs(shape, dtype, channels_last, requires_grad):
     return [t.requires_grad_(requires_grad) for t in (x, g, time_embedding)]
 
 
+@pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -75,3 +75,73 @@ def test_rms_norm(benchmark, shape, dtype, channels_last, implementation, pass_)
     bytes_moved = {"forward": 2, "backward": 3, "forward_backward": 5}[pass_] * element_bytes
     run_benchmark(benchmark, step, bytes_moved=bytes_moved, op="rms_norm_act", shape=list(shape), dtype=str(dtype),
                   layout=layout, implementation=implementation, pass_=pass_)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU kernels per call, counted on any machine (bench/kernel_count.py): without a GPU the count runs in a
+# subprocess under the Triton interpreter (this process compiles, it does not interpret).
+
+def _unet_call_inputs(dtype, device):
+    """x, g, time-MLP output (B, 2C) as a 2.x ResnetBlock's norm sees them: g fp32 under bf16 autocast, else in
+    x's dtype; small, since a count does not depend on the size."""
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    x = torch.randn(2, 16, 8, 8, device=device, dtype=dtype, requires_grad=True)
+    g = torch.ones(16, device=device, dtype=param_dtype, requires_grad=True)
+    time_mlp = torch.randn(2, 32, device=device, dtype=dtype, requires_grad=True)
+    return x, g, time_mlp
+
+
+def count_unet_call():
+    """{dtype name: {"forward": KernelCount, "forward_backward": KernelCount}} of the Triton op as the Unet
+    calls it, in bf16 (autocast's mix), fp16 and fp32."""
+    from kernel_count import count_gpu_kernels
+
+    device = "cuda" if CUDA else "cpu"
+    counts = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, g, time_mlp = _unet_call_inputs(dtype, device)
+
+        def forward():
+            scale, shift = time_mlp.chunk(2, dim=1)
+            return rms_norm_act(x, g, scale, shift, True, 1e-12)
+
+        grad_y = torch.randn_like(forward())
+
+        def forward_backward():
+            forward().backward(grad_y)
+
+        with torch.no_grad():
+            counts[str(dtype)[6:]] = {"forward": count_gpu_kernels(forward)}
+        counts[str(dtype)[6:]]["forward_backward"] = count_gpu_kernels(forward_backward)
+    return counts
+
+
+def test_rms_norm_kernel_count(benchmark, capsys):
+    """Prints (and keeps in extra_info) the GPU kernels of one forward and one forward+backward as the Unet calls
+    the op: a regression shows here without a GPU. A count, not a timing: nothing is asserted."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if CUDA:
+        counts = {dtype: {name: count.total for name, count in passes.items()}
+                  for dtype, passes in count_unet_call().items()}
+        method = "counted on CUDA (torch.profiler, CPU side)"
+    else:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, check=True)
+        counts = json.loads(run.stdout.strip().splitlines()[-1])
+        method = "counted on CPU under the Triton interpreter (torch.profiler): what a GPU run would launch"
+    benchmark.group = "rms_norm GPU kernels per call"
+    benchmark.extra_info.update(op="rms_norm_act", kernels=counts, method=method)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    with capsys.disabled():
+        print(f"\nrms_norm_act GPU kernels per Unet-style call ({method}): {json.dumps(counts)}")
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps({dtype: {name: count.total for name, count in passes.items()}
+                      for dtype, passes in count_unet_call().items()}))

@@ -46,15 +46,18 @@ def _miss(in_flight, l2_bytes):
 
 def _group_norm_rows(device, batch, channels, side, backward):
     x, weight, bias, scale, shift = _inputs(batch, channels, side)
+    time_mlp = scale._base  # the Unet's call: the two halves of one (B, 2C) tensor, taken whole
     patches = {gn: {"device_limits": _device_limits(device)}}
     if backward:
         mean = torch.empty(batch, GROUPS)
         launches = report.capture_launches(
-            lambda: gn.group_norm_backward(torch.empty_like(x), x, weight, bias, GROUPS, scale, shift, True, mean,
-                                           torch.empty_like(mean), [True] * 5), patches)
+            lambda: gn.group_norm_backward(torch.empty_like(x), x, weight, bias, GROUPS, None, None, True, mean,
+                                           torch.empty_like(mean), [True, True, True, False, False, True],
+                                           scale_shift=time_mlp), patches)
     else:
         launches = report.capture_launches(
-            lambda: gn.group_norm_forward(x, weight, bias, GROUPS, scale, shift, True, 1e-5), patches)
+            lambda: gn.group_norm_forward(x, weight, bias, GROUPS, None, None, True, 1e-5, scale_shift=time_mlp),
+            patches)
     norm_launches = [launch for launch in launches if "group_norm" in launch.kernel.__name__]
     tile_launch = norm_launches[0]
     constants = tile_launch.kwargs
@@ -84,7 +87,24 @@ def _group_norm_rows(device, batch, channels, side, backward):
                                           tile_elements=tile_elements, elements=x.numel(),
                                           element_size=x.element_size(), bytes_moved=moved, bytes_minimum=least,
                                           loops_run=loops))
+    rows.extend(_parameter_grads_rows(device, launches, f"{direction} {shape}"))
     return rows, len(launches)
+
+
+def _parameter_grads_rows(device, launches, label):
+    """A row for the parameter-gradient reduction of a backward, if it launched one: it reads the (B, P, C) fp32
+    partial sums twice over (du * xhat and du), [BLOCK_PARTIALS, BLOCK_CHANNELS] per step."""
+    rows = []
+    for launch in launches:
+        if "parameter_grads" not in launch.kernel.__name__:
+            continue
+        batch, partials, channels = (_argument(launch, name) for name in ("batch", "partials", "channels"))
+        tile = launch.kwargs["BLOCK_PARTIALS"] * launch.kwargs["BLOCK_CHANNELS"]
+        partial_bytes = 2 * batch * partials * channels * 4
+        rows.append(report.kernel_row(f"{label} parameter grads", launch, device, tile_elements=tile,
+                                      elements=batch * partials * channels, element_size=4,
+                                      bytes_moved=partial_bytes, bytes_minimum=partial_bytes))
+    return rows
 
 
 def _groups_per_pack(launch):
@@ -103,15 +123,17 @@ def _argument(launch, name):
 
 
 def _rms_norm_rows(device, batch, channels, side, backward):
-    x, _, _, scale, shift = _inputs(batch, channels, side)
+    x, _, _, scale, _ = _inputs(batch, channels, side)
+    time_mlp = scale._base
     g = torch.empty(channels)
     patches = {rn: {"device_limits": _device_limits(device)}} if hasattr(rn, "device_limits") else {}
     if backward:
         launches = report.capture_launches(
-            lambda: rn.rms_norm_backward(torch.empty_like(x), x, g, scale, shift, True, 1e-12, [True] * 4), patches)
+            lambda: rn.rms_norm_backward(torch.empty_like(x), x, g, None, None, True, 1e-12,
+                                         [True, True, False, False, True], scale_shift=time_mlp), patches)
     else:
         launches = report.capture_launches(
-            lambda: rn.rms_norm_forward(x, g, scale, shift, True, 1e-12), patches)
+            lambda: rn.rms_norm_forward(x, g, None, None, True, 1e-12, scale_shift=time_mlp), patches)
     launch = [launch for launch in launches if "rms_norm" in launch.kernel.__name__][0]
     tile_elements = launch.kwargs["BLOCK_CHANNELS"] * launch.kwargs["BLOCK_PIXELS"]
     x_bytes = x.numel() * x.element_size()
@@ -124,7 +146,7 @@ def _rms_norm_rows(device, batch, channels, side, backward):
     row = report.kernel_row(f"{'bwd' if backward else 'fwd'} {shape}", launch, device, tile_elements=tile_elements,
                             elements=x.numel(), element_size=x.element_size(), bytes_moved=moved,
                             bytes_minimum=minimum)
-    return [row], len(launches)
+    return [row, *_parameter_grads_rows(device, launches, f"bwd {shape}")], len(launches)
 
 
 def sections(device):
@@ -137,7 +159,7 @@ def sections(device):
                 case_rows, launches = rows_of(device, batch, channels, side, backward)
                 rows.extend(case_rows)
                 launch_counts.append(launches)
-        notes = [f"Triton launches per call (forward, backward) over the cases: {launch_counts}. Parameter "
-                 "reductions done in torch after the launches are not in this table (see bench/kernel_count.py)."]
+        notes = [f"Triton launches per call (forwards, then backwards, case by case): {launch_counts}. GPU kernels "
+                 "per call including any torch ops: bench/kernel_count.py (bench_group_norm / bench_rms_norm)."]
         yield report.Section(f"{title}: Unet(dim=64) shapes, bf16 activations, fp32 parameters"
                              + (f", G={GROUPS}" if rows_of is _group_norm_rows else ""), rows, notes)

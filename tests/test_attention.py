@@ -541,3 +541,18 @@ def test_autotune_picks_fastest(monkeypatch):
     assert kernel_module._tuned_config("forward", torch.float32, 32, 256, device, None) == \
         kernel_module._SM90_CONFIGS["forward"]["tf32"][32]
     assert not timed
+
+
+def test_packed_torch_compile(device):
+    """The packed custom ops under torch.compile(fullgraph=True): the same forward and gradients as eager."""
+    from fastunet.kernels.attention import packed_attention
+
+    qkv, mem_kv, grad = _packed_inputs(1, 2, 4, 4, 4, 16, torch.float32, device, torch.float32, False, seed=13)
+
+    def block(qkv, mem_kv):
+        return packed_attention(qkv * 2, mem_kv, 2).sigmoid()
+
+    eager_out, eager_grads = _run(block, [qkv, mem_kv], grad)
+    compiled_out, compiled_grads = _run(torch.compile(block, fullgraph=True), [qkv, mem_kv], grad)
+    for name, a, b in zip(("out", "dqkv", "dmem_kv"), (compiled_out,) + compiled_grads, (eager_out,) + eager_grads):
+        assert_close(a, b, what=f"compiled {name}")

@@ -224,6 +224,9 @@ class Unet(nn.Module):
     def _embed_time(self, time):
         """(B,) time in at least fp32 -> (B, 4 * dim): the position features are computed in time's precision, then
         cast to the MLP's dtype (a model.half() has fp16 Linears; under autocast the cast is a no-op)."""
+        if time.dtype == self.time_mlp[1].weight.dtype:
+            # fp32 and float64 models: the Sequential as upstream calls it, so that hooks registered on it still run.
+            return self.time_mlp(time)
         position_embedding, *mlp = self.time_mlp
         embedding = position_embedding(time).to(mlp[0].weight.dtype)
         for layer in mlp:

@@ -94,3 +94,15 @@ def test_converted_low_precision_model_runs(dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
     error = (out.float() - expected).abs().max().item()
     assert error < 0.05 * expected.abs().max().item(), f"{dtype} model: error {error:.3g}"
+
+
+def test_forward_hooks_on_the_time_mlp_run():
+    """Code that captures the time embedding with a hook on unet.time_mlp (as on upstream's) still sees it."""
+    theirs, ours = build_pair(CONFIGS["default"])
+    seen = []
+    for model in (theirs, ours):
+        model.time_mlp.register_forward_hook(lambda module, args, out: seen.append(out))
+    x, time = inputs(ours), torch.tensor([3, 120])
+    theirs(x, time), ours(x, time)
+    assert len(seen) == 2, f"the time_mlp hook ran {len(seen)} times for the two models, expected once each"
+    assert_close(seen[1], seen[0], what="time embedding seen by the hook")

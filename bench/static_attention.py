@@ -63,13 +63,17 @@ def _tensors(side):
     return q, k, v, mem_kv, out_view, lse
 
 
-def _launches(module, side, arch):
-    """(forward launches, backward launches) of `module`'s launchers at this side, for sm_`arch`."""
+def _launches(module, side, arch, candidate=0):
+    """(forward launches, backward launches) of `module`'s launchers at this side, for sm_`arch`; with the
+    autotuner's `candidate`-th configuration where it has one (0: the table's entry, as before any timing)."""
     q, k, v, mem_kv, out, lse = _tensors(side)
     config = _patched_config(module, arch)
     patches = {module: {"_config": config}}
-    if hasattr(module, "_tuned_config"):  # the table's entry, as before any timing
-        patches[module]["_tuned_config"] = lambda kernel, dtype, d, n, device, launch: config(kernel, dtype, d, device)
+    if hasattr(module, "_tuned_config"):
+        def tuned(kernel, dtype, d, n, device, launch):
+            candidates = module._candidates(module._table_arch(arch), kernel, dtype, d)
+            return candidates[min(candidate, len(candidates) - 1)]
+        patches[module]["_tuned_config"] = tuned
     scale = HEAD_DIM**-0.5
     if "out" in module._forward.__code__.co_varnames[:module._forward.__code__.co_argcount]:
         forward = report.capture_launches(lambda: module._forward(q, k, v, mem_kv[0], mem_kv[1], scale, out), patches)
@@ -139,6 +143,13 @@ def sections(device, module=None):
                 label = f"{direction} B{BATCH} N{n}"
                 rows.append(_row(label, launch, device, side))
                 notes.append(_step_note(label, launch, device))
+        if hasattr(module, "_candidates"):  # the autotuner's other candidates on this architecture
+            for launch in [l for launches in _launches(module, side, device.arch, candidate=1) for l in launches]:
+                role = _role(launch.kernel.__name__)
+                if role not in ("forward", "dkdv", "dq") or len(module._candidates(
+                        module._table_arch(device.arch), role, DTYPE, HEAD_DIM)) == 1:
+                    continue
+                notes.append("autotune candidate: " + _step_note(f"B{BATCH} N{n}", launch, device))
         notes.append(f"Triton launches: forward {len(forward)}, backward {len(backward)} (torch ops besides them are "
                      "counted by bench/kernel_count.py). The instr/elem and issue/HBM columns do not apply to these "
                      "compute-bound kernels (their main loop is read above).")

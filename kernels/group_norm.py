@@ -439,6 +439,11 @@ def _pack_sizes(tile, groups, channels_per_group, pixels, channels_last):
             and _contiguous_run(channels_last, pixels, size * channels_per_group) % tile.align == 0]
 
 
+def _l2_budget(l2_bytes):
+    """Bytes of L2 a launch may count on keeping between two passes: 3/4 of it (the rest for everything else)."""
+    return 3 * l2_bytes // 4
+
+
 def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, element_size, num_sms, l2_bytes,
                     backward=False):
     """The launch plan for x (batch, channels, H, W), H*W = pixels, from the shape alone (no autotuning).
@@ -447,8 +452,12 @@ def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, ele
     """
     channels_per_group = channels // groups
     all_groups = batch * groups
-    # Few groups leave most SMs idle: split their pixels across programs (two launches, deterministic).
-    split = all_groups < num_sms // 2 and pixels > 1024
+    # Fewer groups than SMs leave SMs idle: split their pixels across programs (two launches, deterministic). The
+    # second launch re-reads x (and dy): from L2 when they fit the L2 budget, else from HBM, which only pays off
+    # when most SMs would be idle (fewer groups than half the SMs).
+    streamed_bytes = batch * channels * pixels * element_size * (2 if backward else 1)
+    split = pixels > 1024 and (all_groups < num_sms // 2
+                               or (all_groups < num_sms and streamed_bytes <= _l2_budget(l2_bytes)))
     if not aligned:
         name = "unaligned"
     elif pixels <= 256:
@@ -470,10 +479,13 @@ def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, ele
     if split:
         pixel_blocks = -(-pixels // tile_for(name, backward, channels_last, element_size).pixels)
         return GroupNormPlan(name, groups_per_pack, min(pixel_blocks, -(-2 * num_sms // num_packs)), num_packs)
-    # Persistent grid: the packs in flight (x, and dy in the backward) should fit in 3/4 of L2, so that phase B
-    # finds its tiles there; never fewer programs than SMs.
+    # Persistent grid: the packs in flight (x, and dy in the backward) should fit the L2 budget, so that phase B
+    # finds its tiles there; but never fewer programs than SMs, which would leave SMs without work: at 128x128,
+    # batch 32, bf16, the backward's 512 KB packs allow 75 programs, and the kernel, issue-bound, would lose more
+    # on 57 idle SMs (1.76x the issue floor in bench/static_report.py) than it gains on the re-read (a modelled
+    # 1.16x the minimum bytes at 132 programs).
     pack_bytes = groups_per_pack * channels_per_group * pixels * element_size * (2 if backward else 1)
-    programs = min(num_packs, max(num_sms, (3 * l2_bytes // 4) // pack_bytes))
+    programs = min(num_packs, max(num_sms, _l2_budget(l2_bytes) // pack_bytes))
     return GroupNormPlan(name, groups_per_pack, 1, programs)
 
 

@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-import triton
 
 from fastunet import reference
 from fastunet.kernels import group_norm as gn
@@ -234,6 +233,10 @@ def test_plan_heuristic():
     # NCHW, 1 channel per group: as many groups per pack as keep two programs per SM (4, of 64 that fit).
     plan = gn.plan_group_norm(32, 64, 8 * 8, 64, False, True, 2, **h100)
     assert plan.groups_per_pack == 4 and plan.programs == 32 * 64 // 4
+    # Batch 12 at 128x128: 96 groups leave 36 SMs idle, and x (25 MB) fits the L2 budget: split.
+    assert gn.plan_group_norm(12, 64, 128 * 128, 8, False, True, 2, **h100).chunks > 1
+    # Batch 16: 128 groups, x and dy (67 MB) beyond L2: a second launch would re-read from HBM, no split.
+    assert gn.plan_group_norm(16, 64, 128 * 128, 8, False, True, 2, **h100, backward=True).chunks == 1
     # Odd maps use the unaligned tile, whatever their size.
     assert gn.plan_group_norm(4, 64, 127 * 127, 8, False, False, 2, **h100).tile == "unaligned"
 
@@ -272,16 +275,18 @@ def test_torch_compile(device):
         assert_close(grad, leaf.grad, what=f"compiled {name}", atol=1e-4)
 
 
-# Triton 3.6 (the lent GPU machines' version) keeps one 4-byte value in local memory in six of these kernels on
-# sm_90, whatever the register cap (168 instead of 128 gives the same): the SASS has one STL in the prologue and one
-# LDL inside the outermost, persistent loop over packs only, i.e. one L1 load per group of up to 256 KB, never in a
-# tile loop. Triton 3.8 keeps the value in a register. Anything more fails.
-SPILL_BYTES_ALLOWED = 4 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8) else 0
+# One 4-byte value kept in local memory is allowed, because where it sits was read in the SASS: with triton 3.6 in
+# six kernels on sm_90, and with triton 3.8 in the 16-bit aligned backward kernels on sm_80 since the parameters'
+# runtime dtype codes (kernels/scale_shift_act.py) joined the live scalars: one STL in the prologue and LDLs only in
+# the outermost, persistent loop over packs (at its head and between phase A and phase B), i.e. one L1 load per
+# group of up to 512 KB, never in a tile loop (bench/static_report.py's loop finder, sm_80, 32x64x64x64 bf16: the
+# LDLs at 0x690 and 0x4bb0, the tile loops at 0x2690-0x4550 and 0x6050-0x7d30). Anything more fails.
+SPILL_BYTES_ALLOWED = 4
 
 
 def test_gpu_compile():
-    """Every configuration the plans can launch compiles for sm_80 and sm_90 (with Triton's bundled ptxas, no
-    GPU needed), within shared memory, without register spills (see SPILL_BYTES_ALLOWED)."""
+    """Every configuration the plans can launch compiles for sm_80, 86, 89, 90 and 120 (with Triton's bundled
+    ptxas, no GPU needed), within each one's shared memory, without register spills (see SPILL_BYTES_ALLOWED)."""
     assert_every_config_compiles_cleanly("fastunet.kernels.group_norm", SPILL_BYTES_ALLOWED)
 
 

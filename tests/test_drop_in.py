@@ -4,6 +4,8 @@ Runs on the reference backend: these are about the module's interface, not the k
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastunet
 from tolerances import assert_close
@@ -106,3 +108,43 @@ def test_forward_hooks_on_the_time_mlp_run():
     theirs(x, time), ours(x, time)
     assert len(seen) == 2, f"the time_mlp hook ran {len(seen)} times for the two models, expected once each"
     assert_close(seen[1], seen[0], what="time embedding seen by the hook")
+
+
+@st.composite
+def unet_configs(draw):
+    """Upstream constructor arguments in their documented range, at sizes the CPU runs in a fraction of a second."""
+    stages = draw(st.integers(1, 3))
+    config = dict(
+        dim=draw(st.sampled_from([4, 8, 12])),
+        dim_mults=tuple(draw(st.lists(st.sampled_from([1, 2, 3]), min_size=stages, max_size=stages))),
+        channels=draw(st.integers(1, 4)),
+        self_condition=draw(st.booleans()),
+        learned_variance=draw(st.booleans()),
+        attn_heads=draw(st.integers(1, 3)),
+        attn_dim_head=draw(st.sampled_from([4, 8, 16])),
+        full_attn=draw(st.sampled_from([None, True, False])),
+        flash_attn=draw(st.booleans()),
+    )
+    fourier = draw(st.sampled_from(["sinusoidal", "learned", "random"]))
+    config["learned_sinusoidal_cond"] = fourier == "learned"
+    config["random_fourier_features"] = fourier == "random"
+    if draw(st.booleans()):
+        config["init_dim"] = draw(st.sampled_from([4, 6]))
+    side = 2 ** (stages - 1) * draw(st.integers(1, 2))
+    return dict(config=config, batch=draw(st.integers(1, 3)), height=side, width=side * draw(st.integers(1, 2)),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, print_blob=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case=unet_configs())
+def test_random_constructor_options_match_upstream(case):
+    """Any upstream configuration: same state_dict keys and shapes, strict load, and the same outputs (the example
+    is printed whole on failure, seed included)."""
+    theirs, ours = build_pair(case["config"], seed=case["seed"])
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    generator = torch.Generator().manual_seed(case["seed"] + 1)
+    x = torch.randn(case["batch"], ours.channels, case["height"], case["width"], generator=generator)
+    time = torch.rand(case["batch"], generator=generator) * (1 if ours.random_or_learned_sinusoidal_cond else 1000)
+    self_cond = torch.randn_like(x) if ours.self_condition else None
+    assert_close(ours(x, time, self_cond), theirs(x, time, self_cond), what=f"output for {case}")

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from fastunet.attention import Attention, LinearAttention
+from fastunet.backend import requested_backend
 from fastunet.checks import check_finite, describe, dtype_name
 from fastunet.layers import (
     BLOCK_NORMS,
@@ -202,6 +203,10 @@ class Unet(nn.Module):
                 f"the model with model.{convert} or keep it in {wanted} and run it under "
                 f"torch.autocast({x.device.type!r}, dtype=torch.{got})"
             )
+        if x.dtype == torch.float64 and requested_backend() == "triton" and not torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError("Unet: fastunet backend 'triton' was requested, but the Triton kernels take float32, "
+                               "float16 and bfloat16, got a float64 model and x; float64 runs on the reference backend "
+                               "(use_backend('auto') or 'reference')")
         if not isinstance(time, torch.Tensor) or time.dtype == torch.bool or time.is_complex():
             raise TypeError(f"Unet: expected time as an int or float tensor of shape ({batch},), got {describe(time)}")
         if time.shape not in ((batch,), (1,), ()):

@@ -101,3 +101,14 @@ def test_reference_ops_compute_in_float64():
     with fastunet.use_backend("reference"):
         actual = functional.rms_norm_act(x, g, scale, shift)
     assert max_error(actual, expected) < 1e-13, max_error(actual, expected)
+
+
+def test_float64_unet_on_the_triton_backend_raises_before_computing(monkeypatch):
+    model = fastunet.Unet(8, dim_mults=(1, 2), block_norm="rms").double()
+    convolutions = []
+    monkeypatch.setattr(model.init_conv, "forward", lambda x: convolutions.append(x) or x)
+    with fastunet.use_backend("triton"), pytest.raises(RuntimeError, match=r"backend 'triton' was requested, but the "
+                                                       r"Triton kernels take float32, float16 and bfloat16, got a "
+                                                       r"float64 model"):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.tensor([5]))
+    assert not convolutions, "the model computed before refusing float64"

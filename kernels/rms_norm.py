@@ -48,6 +48,7 @@ from fastunet.kernels.scale_shift_act import (
     split_scale_shift,
     tile_offsets,
     tile_pointers,
+    unet_launch_specialization,
     vector_aligned,
 )
 
@@ -416,7 +417,8 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=N
 def gpu_compile_configs():
     """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES (the only
     ones plan_rms_norm and _prepare_launch allow), per direction, layout and input dtype, and the parameter-gradient
-    kernel. Parameters reach the kernels as raw bytes with runtime dtype codes and optional inputs are runtime
+    kernel; the aligned tiles with the specialization a Unet launch gets (unet_launch_specialization), the
+    unaligned one without. The same list serves every architecture (at most 1 KB of shared memory per tile). Parameters reach the kernels as raw bytes with runtime dtype codes and optional inputs are runtime
     flags, so nothing else varies."""
     kernels = (
         (_rms_norm_forward_kernel, ("x_ptr", "y_ptr", "residual_ptr"), ("has_scale", "has_shift", "silu",
@@ -431,5 +433,10 @@ def gpu_compile_configs():
                               ALIGN=tile.align)
             signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags,
                                           floats=("eps", "sqrt_channels"))
-            yield kernel, signature, constexprs, dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+            options = dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+            if tile.align == 1:  # odd shapes: no alignment to specialize
+                yield kernel, signature, constexprs, options
+            else:
+                signature, constexprs, attrs = unet_launch_specialization(kernel, signature, constexprs)
+                yield kernel, signature, constexprs, options, attrs
     yield from parameter_grads_compile_configs()

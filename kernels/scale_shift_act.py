@@ -410,6 +410,24 @@ def divisibility_attrs(kernel, signature, divisible_ints):
             if signature[name] != "constexpr" and (signature[name].startswith("*") or name in divisible_ints)}
 
 
+# What a launch in the Unet's layout specializes (C a multiple of 16, H*W too from 4x4 maps up, scale/shift the
+# unit-stride halves of a (B, 2C) tensor): these integers are multiples of 16 (tt.divisibility) ...
+UNET_DIVISIBLE_INTS = ("batch_stride", "line_stride", "scale_batch_stride", "shift_batch_stride", "channels",
+                       "pixels")
+# ... and these equal 1, which Triton turns into constants.
+UNET_UNIT_STRIDES = ("scale_channel_stride", "shift_channel_stride")
+
+
+def unet_launch_specialization(kernel, signature, constexprs):
+    """(signature, constexprs, attrs) of an aligned-tile configuration as a Unet launch compiles it: every pointer
+    16-byte aligned and UNET_DIVISIBLE_INTS multiples of 16 (attrs), UNET_UNIT_STRIDES constants 1."""
+    signature, constexprs = dict(signature), dict(constexprs)
+    for name in UNET_UNIT_STRIDES:
+        if name in signature:
+            signature[name], constexprs[name] = "constexpr", 1
+    return signature, constexprs, divisibility_attrs(kernel, signature, UNET_DIVISIBLE_INTS)
+
+
 def compile_signature(kernel, constexprs, x_dtype, x_pointers, flags, floats=("eps",)):
     """The `signature` of triton.compiler.ASTSource for one kernel of the fused norms.
 

@@ -299,3 +299,41 @@ def test_attention_module_in_fp16_autocast_where_upstream_overflows():
     error = (ours_out.float() - expected).abs().max().item()
     print(f"fp16 autocast attention: error {error:.3g} vs output scale {expected.abs().max():.3g}")
     assert error < 0.01 * expected.abs().max().item(), f"error {error:.3g} vs output scale {expected.abs().max():.3g}"
+
+
+@pytest.mark.xfail(strict=True, reason="known gap, for the attention kernels: bf16 backward at a sharp softmax with "
+                                       "memory slots is off by 8-50x PyTorch's own bf16 attention error")
+def test_bf16_attention_backward_at_sharp_softmax_with_memory_slots():
+    """Found by tests/test_fuzz.py. q, k, v of magnitude 3 (logits up to ~40), 3 memory slots, bf16: measured under
+    the interpreter, dqkv is off by 0.105 on a scale of 0.307 (2x2 map: 0.258 on 1.81), while PyTorch's attention
+    with bf16 matmuls and an fp32 softmax is off by 0.0055. The rule of tests/test_attention.py (FlashAttention's:
+    within twice PyTorch's own low-precision error plus one bf16 ulp of the scale) fails; fp16 and fp32 pass it.
+    Strict: when the kernels are fixed this fails as XPASS, and the fuzz can draw magnitude 3 for bf16 again."""
+    heads, d, mem = 1, 16, 3  # the fuzz's example, values drawn as there
+    qkv = (3 * randn(1, 3 * heads * d, 1, 1, seed=0)).to(DEVICE, torch.bfloat16)
+    mem_kv = (3 * randn(2, heads, mem, d, seed=5)).to(DEVICE, torch.bfloat16)
+    grad = randn(1, heads * d, 1, 1, seed=6).to(DEVICE, torch.bfloat16)
+
+    def in_bf16(qkv, mem_kv):  # PyTorch's attention in bf16: matmuls in it, softmax in fp32
+        q, k, v = qkv.flatten(2).unflatten(1, (3, heads, d)).transpose(-1, -2).unbind(1)
+        keys = torch.cat((mem_kv[0].expand(1, -1, -1, -1), k), dim=2)
+        values = torch.cat((mem_kv[1].expand(1, -1, -1, -1), v), dim=2)
+        weights = ((q @ keys.mT) * d**-0.5).float().softmax(-1).to(q.dtype)
+        return (weights @ values).transpose(-1, -2).reshape(1, heads * d, 1, 1)
+
+    def packed(qkv, mem_kv):
+        return functional.packed_attention(qkv, mem_kv, heads)
+
+    def grads(fn, backend, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (qkv, mem_kv)]
+        with fastunet.use_backend(backend):
+            fn(*leaves).backward(cast(grad))
+        return [leaf.grad.float() for leaf in leaves]
+
+    truth = grads(packed, "reference", lambda t: t.float())
+    kernel = grads(packed, "triton", lambda t: t)
+    low = grads(in_bf16, "reference", lambda t: t)
+    for name, actual, expected, yardstick in zip(("dqkv", "dmem_kv"), kernel, truth, low):
+        budget = 2 * (yardstick - expected).abs().max().item() + 2.0**-7 * expected.abs().max().item()
+        error = (actual - expected).abs().max().item()
+        assert error <= budget, f"{name}: error {error:.3g} > budget {budget:.3g} (scale {expected.abs().max():.3g})"

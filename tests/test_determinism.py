@@ -79,6 +79,16 @@ def test_linear_attention(dtype, device):
     assert_repeatable(functional.linear_attention, (q, k, v, mem_k, mem_v), f"linear_attention {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["packed_attention", "packed_linear_attention"])
+def test_packed_attention_ops(op, dtype, device):
+    """The forms the Unet calls: q, k, v read from the to_qkv output, one gradient tensor for it."""
+    qkv = random((2, 3 * 2 * 16, 3, 7), dtype, device, 0)
+    mem_kv = random((2, 2, 4, 16) if op == "packed_attention" else (2, 2, 16, 4), torch.float32, device, 1)
+    fn = getattr(functional, op)
+    assert_repeatable(lambda qkv, mem_kv: fn(qkv, mem_kv, 2), (qkv, mem_kv), f"{op} {dtype}")
+
+
 # Each kernel is tested above in every dtype; the whole model in fp32 and in both autocast dtypes, with group norms
 # once (a GroupNorm Unet takes ~20 s per forward and backward under the interpreter) and RMS norms otherwise.
 @pytest.mark.parametrize("block_norm, autocast_dtype",

@@ -90,6 +90,8 @@ OPS = {
     "attention": lambda t: functional.attention(t["q"], t["k"], t["v"], t["mem_k"], t["mem_v"]),
     "linear_attention": lambda t: functional.linear_attention(t["q"].mT, t["k"].mT, t["v"].mT, t["mem_k"].mT,
                                                              t["mem_v"].mT),
+    "packed_attention": lambda t: functional.packed_attention(t["qkv"], t["mem_kv"], 1),
+    "packed_linear_attention": lambda t: functional.packed_linear_attention(t["qkv"], t["mem_kv"].mT, 1),
 }
 
 
@@ -105,7 +107,7 @@ def test_triton_op_calls_do_not_grow_memory(op):
 
     tensors = dict(x=randn(2, 8, 4, 4), weight=randn(8), bias=randn(8), scale=randn(2, 8), shift=randn(2, 8),
                    q=randn(1, 1, 16, 16), k=randn(1, 1, 16, 16), v=randn(1, 1, 16, 16), mem_k=randn(1, 4, 16),
-                   mem_v=randn(1, 4, 16))
+                   mem_v=randn(1, 4, 16), qkv=randn(1, 48, 4, 4), mem_kv=randn(2, 1, 4, 16))
 
     def step():
         with fastunet.use_backend("triton"), warnings.catch_warnings():

@@ -40,6 +40,8 @@ NON_KERNEL_OPS = frozenset("aten::" + name for name in (
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
     # copies that only happen when needed (a no-op when nothing beneath them computes)
     "to", "_to_copy", "contiguous", "type_as", "reshape_as",
+    # dropout returns its input when p == 0 or in eval mode; otherwise the mask ops beneath it compute
+    "dropout",
 ))
 
 

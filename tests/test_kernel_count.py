@@ -23,6 +23,7 @@ def test_views_allocations_and_no_op_casts_launch_nothing():
         torch.empty_like(x)
         x.to(torch.float32)
         x.contiguous()
+        torch.nn.functional.dropout(x, p=0.0, training=True)
 
     assert count_gpu_kernels(step).total == 0
 
@@ -53,3 +54,9 @@ def test_the_backward_pass_is_counted():
     # (the first one stores the tensor: no kernel).
     assert 4 <= counted.total <= 5, counted.by_name
     assert counted.by_name["aten::mul"] == 2, counted.by_name
+
+
+def test_dropout_counts_only_when_it_drops():
+    x = torch.randn(4, 6)
+    assert count_gpu_kernels(lambda: torch.nn.functional.dropout(x, p=0.5, training=True)).total == 1
+    assert count_gpu_kernels(lambda: torch.nn.functional.dropout(x, p=0.5, training=False)).total == 0

@@ -57,6 +57,7 @@ from fastunet.kernels.scale_shift_act import (
     split_scale_shift,
     tile_offsets,
     tile_pointers,
+    unet_launch_specialization,
     vector_aligned,
 )
 
@@ -711,7 +712,9 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
 def gpu_compile_configs():
     """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES and
     BACKWARD_TILES (the only ones plan_group_norm and _prepare_launch allow) for each input dtype, and the
-    parameter-gradient kernel. Parameters reach the kernels as raw bytes with runtime dtype codes and optional
+    parameter-gradient kernel; the aligned NCHW tiles with the specialization a Unet launch gets (16-divisible
+    pointers, sizes and strides, unit scale/shift strides: unet_launch_specialization), the others without. The same
+    list serves every architecture: the tiles need at most 1 KB of shared memory, far below the 99 KB of sm_86/89/120. Parameters reach the kernels as raw bytes with runtime dtype codes and optional
     inputs are runtime flags, so nothing else varies."""
     kernels = (
         (_group_norm_forward_kernel, ("x_ptr", "y_ptr", "residual_ptr"),
@@ -726,5 +729,12 @@ def gpu_compile_configs():
                 constexprs = dict(BLOCK_ROWS=tile.rows, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
                                   ALIGN=tile.align)
                 signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags)
-                yield kernel, signature, constexprs, dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+                options = dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+                # The Unet's layout (NCHW) with the specialization its launches get; channels_last and odd shapes
+                # without (with it, channels_last backward tiles spilled 12-24 bytes on sm_80/86: not yet refit).
+                if tile.align == 1 or channels_last:
+                    yield kernel, signature, constexprs, options
+                else:
+                    signature, constexprs, attrs = unet_launch_specialization(kernel, signature, constexprs)
+                    yield kernel, signature, constexprs, options, attrs
     yield from parameter_grads_compile_configs()

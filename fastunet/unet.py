@@ -36,7 +36,8 @@ def _keep_convolutions(ctx, op, *args, **kwargs):
 
 
 def _residual(module, x):
-    return module(x) + x
+    """attn(x) + x, the addition fused into the layer's last kernel where it has one (LinearAttention's output norm)."""
+    return module(x, residual=x)
 
 
 def _per_stage(value, num_stages, name):
@@ -290,7 +291,7 @@ class Unet(nn.Module):
     def _run_attention(self, attn, x):
         """attn(x) + x; under checkpointing="selective" its norm, attention core and output are recomputed."""
         if self.checkpointing != "selective" or not torch.is_grad_enabled():
-            return attn(x) + x
+            return _residual(attn, x)
         return checkpoint(_residual, attn, x, use_reentrant=False, context_fn=self._checkpoint_context)
 
     def _checkpoint_context(self):

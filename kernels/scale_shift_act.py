@@ -274,7 +274,8 @@ def pack_dtype_codes(*tensors):
 def halves_of_one(scale, shift):
     """The (B, 2C) tensor whose two halves along dim 1 are exactly `scale` and `shift` (views, as
     `time_mlp(t).chunk(2, dim=1)` makes them: their base itself, or a slice of a wider base), or None."""
-    if scale is None or shift is None:
+    if scale is None or shift is None or torch.compiler.is_compiling():
+        # Dynamo cannot trace storage offsets; a compiled graph takes the halves apart and fuses their gradients' cat.
         return None
     base = scale._base
     if base is None or shift._base is not base or base.dim() != 2 or scale.dim() != 2:

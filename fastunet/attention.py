@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastunet import functional
+from fastunet.checks import check_module_input
 from fastunet.layers import RMSNorm
 
 
@@ -31,6 +32,7 @@ class LinearAttention(nn.Module):
 
     def forward(self, x, residual=None):
         """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given."""
+        check_module_input(type(self).__name__, x, self.to_qkv.weight)
         qkv = self.to_qkv(self.norm(x))
         projection, norm = self.to_out
         out = projection(functional.packed_linear_attention(qkv, self.mem_kv, self.heads))
@@ -100,5 +102,6 @@ class Attention(nn.Module):
 
     def forward(self, x, residual=None):
         """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given."""
+        check_module_input(type(self).__name__, x, self.to_qkv.weight)
         out = self.to_out(self.attend(self.to_qkv(self.norm(x)), self.mem_kv, self.heads))
         return out if residual is None else out + residual

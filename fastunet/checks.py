@@ -70,3 +70,20 @@ def check_finite(where, name, t):
         bad = t[~finite].flatten()[:4].tolist()
         raise ValueError(f"{where}: expected finite {name}, got {int((~finite).sum())} non-finite of {t.numel()} "
                          f"(e.g. {bad}) in {describe(t)}")
+
+
+def check_module_input(where, x, parameter, ndim=4):
+    """Raise before computing unless `x` can meet `parameter` in a module's forward: a float tensor of `ndim`
+    dimensions on the parameter's device, and of its dtype unless autocast is on for that device (then any float
+    dtype: autocast casts). Errors name the fix (`module.half()`-style conversions, or torch.autocast)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != ndim or not x.is_floating_point():
+        raise TypeError(f"{where}: expected a {ndim}-D float tensor, got {describe(x)}")
+    if x.device != parameter.device:
+        raise ValueError(f"{where}: expected input on the module's device {parameter.device}, got {describe(x)}")
+    if x.dtype != parameter.dtype and not torch.is_autocast_enabled(x.device.type):
+        got = dtype_name(x.dtype)
+        raise TypeError(
+            f"{where}: expected input of the module's dtype {dtype_name(parameter.dtype)} outside autocast, got "
+            f"{describe(x)}; convert the module (e.g. module.to(torch.{got})) or run it under "
+            f"torch.autocast({x.device.type!r}, dtype=torch.{got})"
+        )

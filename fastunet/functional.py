@@ -81,10 +81,11 @@ def group_norm_act(x, weight, bias, groups, scale=None, shift=None, silu=True, e
     channels = x.shape[1]
     if not isinstance(groups, int) or groups < 1 or channels % groups:
         raise ValueError(f"{where}: expected groups to be a positive int dividing the {channels} channels, got {groups!r}")
-    if channels // groups * x.shape[2] * x.shape[3] == 1:
-        # One value per group has no variance to normalise by; nn.GroupNorm refuses it too.
-        raise ValueError(f"{where}: expected more than one value per group (C / groups * H * W), got 1 for x of shape "
-                         f"{tuple(x.shape)} and {groups} groups")
+    if x.shape[0] * channels // groups * x.shape[2] * x.shape[3] == 1:
+        # nn.GroupNorm's own rule: one value in all of the batch's groups is refused; one value per group with a
+        # batch of several is normalized (to the bias, as torch does).
+        raise ValueError(f"{where}: expected more than one value over the batch per group (B * C / groups * H * W), "
+                         f"got 1 for x of shape {tuple(x.shape)} and {groups} groups")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(where, name, t, shape=(channels,))

@@ -8,6 +8,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from fastunet import functional
+from fastunet.checks import check_module_input
 
 BLOCK_NORMS = ("group", "rms")
 
@@ -35,6 +36,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x, scale_shift=None, silu=False, residual=None):
         """residual: x's shape and dtype, or None; added after the (optional) SiLU, in the same kernel."""
+        check_module_input("RMSNorm", x, self.g)
         scale, shift = scale_shift if scale_shift is not None else (None, None)
         return functional.rms_norm_act(x, self.g.view(-1), scale, shift, silu, residual=residual)
 
@@ -91,6 +93,7 @@ class Block(nn.Module):
     def forward(self, x, scale_shift=None, residual=None):
         """residual: (B, dim_out, H, W) or None, added to the output (a ResnetBlock's res_conv(x)); fused into the
         norm's kernel unless dropout is active or its dtype differs (then added after, with type promotion)."""
+        check_module_input("Block", x, self.proj.weight)
         x = self.proj(x)
         fused = residual if residual is not None and residual.dtype == x.dtype and not (
             self.training and self.dropout.p > 0) else None
@@ -150,6 +153,7 @@ class ResnetBlock(nn.Module):
         """scale_shift: this block's (scale, shift), each (B, dim_out), already computed from time_emb by the caller
         (fastunet.Unet runs every block's time MLP as one GEMM, time_mlp_scale_shifts); time_emb is then unused."""
         if scale_shift is None and self.mlp is not None and time_emb is not None:
+            check_module_input("ResnetBlock", time_emb, self.mlp[1].weight, ndim=2)
             # Views of the (B, 2 * dim_out) MLP output; the fused op reads them through their strides.
             scale_shift = self.mlp(time_emb).chunk(2, dim=1)
         h = self.block1(x, scale_shift=scale_shift)

@@ -82,8 +82,9 @@ def test_upstream_2_checkpoint_into_group_model_names_the_fix():
     [
         (lambda: functional.group_norm_act(torch.randn(2, 6, 4, 4), None, None, 4), ValueError,
          r"expected groups to be a positive int dividing the 6 channels, got 4"),
-        (lambda: functional.group_norm_act(torch.randn(2, 6, 1, 1), None, None, 6), ValueError,
-         r"expected more than one value per group \(C / groups \* H \* W\), got 1 for x of shape \(2, 6, 1, 1\)"),
+        (lambda: functional.group_norm_act(torch.randn(1, 6, 1, 1), None, None, 6), ValueError,
+         r"expected more than one value over the batch per group \(B \* C / groups \* H \* W\), got 1 for x of "
+         r"shape \(1, 6, 1, 1\)"),
         (lambda: functional.group_norm_act(torch.randn(2, 6, 4, 4), torch.ones(5), None, 3), ValueError,
          r"expected weight of shape \(6\), got \(5,\)"),
         (lambda: functional.group_norm_act(torch.randn(2, 6, 4, 4), None, None, 3, scale=torch.ones(3, 6)), ValueError,
@@ -154,3 +155,34 @@ def test_low_precision_x_runs_under_autocast_and_in_a_converted_model():
         assert out.dtype == torch.bfloat16, name
         error = (out.float() - expected).abs().max().item()
         assert error < 0.05 * scale, f"{name}: error {error:.3g} vs output scale {scale:.3g}"
+
+
+STANDALONE_MODULES = {
+    "Attention": (lambda: fastunet.Attention(16), (2, 16, 4, 4)),
+    "LinearAttention": (lambda: fastunet.LinearAttention(16), (2, 16, 4, 4)),
+    "Block": (lambda: fastunet.Block(16, 16), (2, 16, 4, 4)),
+    "RMSNorm": (lambda: fastunet.RMSNorm(16), (2, 16, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STANDALONE_MODULES))
+def test_standalone_modules_name_dtype_and_device_mix(name):
+    """Used on their own (outside the Unet's checks), the modules refuse a dtype or device mix by name, with the
+    fix, instead of torch's 'Input type (c10::Half) and bias type (float) should be the same'."""
+    build, shape = STANDALONE_MODULES[name]
+    module = build()
+    with pytest.raises(TypeError, match=rf"{name}: expected input of the module's dtype float32 outside autocast, got "
+                                        rf"\(2, 16, 4, 4\) float16 on cpu; convert the module .*torch.autocast"):
+        module(torch.randn(shape, dtype=torch.float16))
+    with pytest.raises(ValueError, match=rf"{name}: expected input on the module's device cpu, got \(2, 16, 4, 4\) "
+                                         rf"float32 on meta"):
+        module(torch.empty(shape, device="meta"))
+    with pytest.raises(TypeError, match=rf"{name}: expected a 4-D float tensor, got \(2, 16\) float32"):
+        module(torch.randn(2, 16))
+
+
+def test_standalone_resnet_block_names_a_time_embedding_dtype_mix():
+    block = fastunet.ResnetBlock(16, 16, time_emb_dim=8)
+    with pytest.raises(TypeError, match=r"ResnetBlock: expected input of the module's dtype float32 outside autocast, "
+                                        r"got \(2, 8\) float64"):
+        block(torch.randn(2, 16, 4, 4), torch.randn(2, 8, dtype=torch.float64))

@@ -140,6 +140,20 @@ def test_without_affine_parameters(device):
     check_against_reference(x, None, None, 4, scale, shift, True)
 
 
+def test_groups_of_one_value_normalize_to_the_bias(device):
+    """One channel per group on 1x1 maps (nn.GroupNorm accepts it for batches of two or more): zero variance, so
+    the normalized value is 0 and the output is act(bias * (1 + scale) + shift), with no gradient into x."""
+    x, weight, bias, scale, shift = make_inputs((2, 6, 1, 1), 6, torch.float32, device)
+    x.requires_grad_(True)
+    y = gn.group_norm_act(x, weight, bias, 6, scale, shift, True)
+    expected = torch.nn.functional.silu(bias * (1 + scale) + shift).reshape(y.shape)
+    # The kernel folds the mean into beta = bias - mean * rstd * weight, and x * alpha cancels it: with
+    # rstd = eps^-0.5 ~ 316 that cancellation costs |x| * 316 * 2^-23 ~ 4e-5 for |x| ~ 1 (fp32's ulp, amplified).
+    assert_close(y, expected, torch.float32, "one-value groups", atol=2e-4)
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad_x, torch.zeros_like(grad_x)), f"d x should be 0, got {grad_x.flatten()}"
+
+
 def test_fp16_large_magnitudes_stay_finite(device):
     """|x| up to ~6e4 in fp16: the squares overflow fp16 but not the fp32 statistics."""
     x, weight, bias, scale, shift = make_inputs((2, 16, 8, 8), 4, torch.float16, device, magnitude=2e4)

@@ -14,7 +14,7 @@ import torch
 
 from fastunet import reference
 from fastunet.kernels.group_norm import group_norm_act
-from measure import CUDA, GPU_ONLY_REASON, pass_step, run_benchmark
+from measure import CUDA, GPU_ONLY_REASON, pass_step, record_kernel_counts, run_benchmark
 
 pytestmark = [
     # Timings come from do_bench (in extra_info); pytest-benchmark's own rounds only need to be few.
@@ -124,25 +124,7 @@ def count_unet_call():
 def test_group_norm_kernel_count(benchmark, capsys):
     """Prints (and keeps in extra_info) the GPU kernels of one forward and one forward+backward as the Unet calls
     the op: a regression shows here without a GPU. A count, not a timing: nothing is asserted."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    if CUDA:
-        counts = {dtype: {name: count.total for name, count in passes.items()}
-                  for dtype, passes in count_unet_call().items()}
-        method = "counted on CUDA (torch.profiler, CPU side)"
-    else:
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, check=True)
-        counts = json.loads(run.stdout.strip().splitlines()[-1])
-        method = "counted on CPU under the Triton interpreter (torch.profiler): what a GPU run would launch"
-    benchmark.group = "group_norm GPU kernels per call"
-    benchmark.extra_info.update(op="group_norm_act", kernels=counts, method=method)
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    with capsys.disabled():
-        print(f"\ngroup_norm_act GPU kernels per Unet-style call ({method}): {json.dumps(counts)}")
+    record_kernel_counts(benchmark, capsys, "group_norm_act", __file__, count_unet_call)
 
 
 if __name__ == "__main__":

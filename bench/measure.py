@@ -159,3 +159,32 @@ def peak_memory_bytes(fn, device):
         allocated += size
         peak = max(peak, allocated)
     return peak, "peak of the running sum of torch.profiler's CPU allocation events (alloc and free)"
+
+
+def record_kernel_counts(benchmark, capsys, op_name, script, count_in_process):
+    """Record and print an op's GPU kernels per Unet-style call: {dtype: {pass: total}}.
+
+    count_in_process: () -> {dtype: {pass: KernelCount}}, run here on CUDA. Without a GPU the kernels must run in
+    the Triton interpreter, which is chosen at import, so `script` (the benchmark file, whose __main__ prints the
+    counts as JSON) runs in a subprocess with TRITON_INTERPRET=1. The benchmark's timing is of nothing: this entry
+    exists to keep the counts in the run's JSON beside the timings.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if CUDA:
+        counts = {dtype: {name: count.total for name, count in passes.items()}
+                  for dtype, passes in count_in_process().items()}
+        method = "counted on CUDA (torch.profiler, CPU side)"
+    else:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        run = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, check=True)
+        counts = json.loads(run.stdout.strip().splitlines()[-1])
+        method = "counted on CPU under the Triton interpreter (torch.profiler): what a GPU run would launch"
+    benchmark.group = f"{op_name} GPU kernels per call"
+    benchmark.extra_info.update(op=op_name, kernels=counts, method=method)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    with capsys.disabled():
+        print(f"\n{op_name} GPU kernels per Unet-style call ({method}): {json.dumps(counts)}")

@@ -137,7 +137,7 @@ def test_attention(benchmark, implementation, n, mode):
 def kernel_counts(batch=2, heads=2, dim_head=16, side=4):
     """{what: KernelCount} of one forward+backward of the packed op (bf16, fp32 memory slots) and of one Attention
     layer under bf16 autocast with the residual, as the Unet calls it, on the Triton backend."""
-    from kernel_count import count_gpu_kernels
+    from kernel_count import count_gpu_kernels, count_layer_step
 
     import fastunet
     from fastunet.attention import Attention
@@ -153,14 +153,9 @@ def kernel_counts(batch=2, heads=2, dim_head=16, side=4):
         out = packed_attention(qkv, mem_kv, heads)
         torch.autograd.grad(out, (qkv, mem_kv), grad)
 
-    def layer_step():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            y = layer(x, residual=x)
-        y.backward(grad)
-
     with fastunet.use_backend("triton"):
         return {"packed_attention forward+backward": count_gpu_kernels(op_step),
-                "Attention layer forward+backward (bf16 autocast, residual)": count_gpu_kernels(layer_step)}
+                "Attention layer forward+backward (bf16 autocast, residual)": count_layer_step(layer, x, grad)}
 
 
 if __name__ == "__main__":

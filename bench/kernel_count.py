@@ -120,6 +120,20 @@ def count_gpu_kernels(fn, *args, **kwargs):
     return KernelCount(sum(counter.values()), counter)
 
 
+def count_layer_step(layer, x, grad_output):
+    """GPU kernels of one forward+backward of an attention layer as the Unet calls it: `layer(x, residual=x)` under
+    bf16 autocast on x's device, then backward of grad_output, on fastunet's Triton backend. Returns a KernelCount."""
+    import fastunet
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = layer(x, residual=x)
+        out.backward(grad_output)
+
+    with fastunet.use_backend("triton"):
+        return count_gpu_kernels(step)
+
+
 def main():
     """Print the kernels of one bf16-autocast GroupNorm+scale/shift+SiLU forward+backward as a ResnetBlock calls it."""
     import os

@@ -29,9 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from measure import CUDA, GPU_ONLY_REASON, pass_step, run_benchmark
+from measure import CUDA, GPU_ONLY_REASON, pass_step, record_kernel_counts, run_benchmark
 
-pytestmark = pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
 
 HEADS, HEAD_DIM, MEM = 4, 32, 4
 # Batch per sequence length: enough (batch * heads) programs to fill an H100 at every N.
@@ -91,6 +90,7 @@ def _sdpa_callable(backend_name, qkv, mem_kv, requires_grad):
     return call, leaves
 
 
+@pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("n", sorted(BATCH))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
@@ -158,12 +158,23 @@ def kernel_counts(batch=2, heads=2, dim_head=16, side=4):
                 "Attention layer forward+backward (bf16 autocast, residual)": count_layer_step(layer, x, grad)}
 
 
+def test_attention_kernel_count(benchmark, capsys):
+    """Prints (and keeps in extra_info) the GPU kernels of the packed op and of one layer forward+backward as the
+    Unet calls it: a regression shows here without a GPU. A count, not a timing: nothing is asserted here (the
+    bounds are asserted in tests/)."""
+    record_kernel_counts(benchmark, capsys, "attention", __file__, lambda: {"bfloat16": kernel_counts()})
+
+
 if __name__ == "__main__":
+    import json
     import os
     import sys
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastunet is imported
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    for what, counted in kernel_counts().items():
+    counts = kernel_counts()
+    for what, counted in counts.items():
         print(f"{what}: {counted.summary(top=20)}")
+    # Last line, read by the benchmark entry below when it runs this file under the interpreter.
+    print(json.dumps({"bfloat16": {what: counted.total for what, counted in counts.items()}}))

@@ -164,7 +164,7 @@ def peak_memory_bytes(fn, device):
 def record_kernel_counts(benchmark, capsys, op_name, script, count_in_process):
     """Record and print an op's GPU kernels per Unet-style call: {dtype: {pass: total}}.
 
-    count_in_process: () -> {dtype: {pass: KernelCount}}, run here on CUDA. Without a GPU the kernels must run in
+    count_in_process: () -> {dtype: {pass (or what was counted): KernelCount}}, run here on CUDA. Without a GPU the kernels must run in
     the Triton interpreter, which is chosen at import, so `script` (the benchmark file, whose __main__ prints the
     counts as JSON) runs in a subprocess with TRITON_INTERPRET=1. The benchmark's timing is of nothing: this entry
     exists to keep the counts in the run's JSON beside the timings.

@@ -8,7 +8,8 @@ Unet makes them: the to_qkv output (B, 3*heads*d, H, W) bf16, heads 4, d 32, 4 f
 32, at the mid stage's N = 256 (16x16) and at N = 4096 (64x64), each launch captured from the module's own
 launchers and compiled with the divisibility a real launch gets. Per kernel, besides the report's columns:
 - MMA kinds: the tensor-core instructions in its main loop (HGMMA: sm_90 wgmma; HMMA: mma.sync);
-- per step (one iteration of the main loop, over the image keys or queries): MMA instructions, waits on
+- per step (one iteration of the main loop over the image keys or queries, plus, for dq, of its delta pass over
+  the same keys): MMA instructions, waits on
   outstanding wgmma groups (WARPGROUP.DEPBAR: a wait after every dot means no MMA overlaps the softmax), MUFU.EX2
   (exp2), and all SASS instructions of one thread;
 - matmuls executed per step vs the ones the FLOP count credits (forward 2 per key block; backward 5, as
@@ -35,6 +36,9 @@ TENSOR_PEAK_TFLOPS = 989.0
 # FlashAttention-2 executes them: dq (q k^T again, dO v^T, dS k) and dk/dv (k q^T again, p^T dO, v dO^T, dS^T q).
 COUNTED = {"forward": 2, "dq": 2, "dkdv": 3, "delta": 0, "memory": 0}
 EXECUTED = {"forward": 2, "dq": 3, "dkdv": 4, "delta": 0, "memory": 4}
+# Where the dq kernel first passes over the keys for delta = rowsum(p dp) / rowsum(p) (q k^T and dO v^T again),
+# each step of the image keys executes these two more.
+DELTA_PASS_MATMULS = 2
 
 
 def _role(kernel_name):
@@ -78,8 +82,13 @@ def _launches(module, side, arch, candidate=0):
     if "out" in module._forward.__code__.co_varnames[:module._forward.__code__.co_argcount]:
         forward = report.capture_launches(lambda: module._forward(q, k, v, mem_kv[0], mem_kv[1], scale, out), patches)
         grads = [torch.empty_like(t) for t in (q, k, v)] + [torch.empty_like(mem_kv[0]), torch.empty_like(mem_kv[1])]
-        backward = report.capture_launches(
-            lambda: module._backward(out, q, k, v, mem_kv[0], mem_kv[1], out, lse, scale, *grads), patches)
+        backward_code = module._backward.__code__
+        if "out" in backward_code.co_varnames[:backward_code.co_argcount]:  # before delta = rowsum(p dp) / rowsum(p)
+            backward = report.capture_launches(
+                lambda: module._backward(out, q, k, v, mem_kv[0], mem_kv[1], out, lse, scale, *grads), patches)
+        else:
+            backward = report.capture_launches(
+                lambda: module._backward(out, q, k, v, mem_kv[0], mem_kv[1], lse, scale, *grads), patches)
     else:  # the version before the packed ops: _forward allocated the output, _backward the gradients
         forward = report.capture_launches(lambda: module._forward(q, k, v, mem_kv[0], mem_kv[1], scale), patches)
         backward = report.capture_launches(
@@ -87,27 +96,32 @@ def _launches(module, side, arch, candidate=0):
     return forward, backward
 
 
-def _main_loop(compiled):
-    """The loop over the image keys (or queries): the last innermost loop with tensor-core instructions (the
-    memory-slot loop, when there is one, comes before it)."""
+def _key_loops(compiled, role):
+    """The loops over the image keys (or queries), whose one iteration each makes a step: the last innermost loop
+    with tensor-core instructions (the memory-slot loop, when there is one, comes before it), and for the dq
+    kernel with a delta pass also that pass's (MMA loops: delta memory slots, delta keys, dq memory slots, dq
+    keys)."""
     loops = [loop for loop in report.innermost_loops(compiled.sass)
              if any(i.opcode.startswith(("HGMMA", "HMMA")) for i in loop.instructions)]
-    return loops[-1] if loops else None
+    if role == "dq" and len(loops) >= 4:
+        return [loops[-3], loops[-1]]
+    return loops[-1:]
 
 
 def _step_note(label, launch, device):
     """One line of attention figures for a launch (see the module docstring)."""
     compiled = report.compile_launch(launch, device.arch)
     role = _role(compiled.name)
-    loop = _main_loop(compiled)
-    if loop is None:
+    loops = _key_loops(compiled, role)
+    if not loops:
         return f"{label} {compiled.name}: no tensor-core loop (a reduction pass)"
-    kinds = sorted({".".join(i.opcode.split(".")[:3]) for i in loop.instructions
+    kinds = sorted({".".join(i.opcode.split(".")[:3]) for loop in loops for i in loop.instructions
                     if i.opcode.startswith(("HGMMA", "HMMA"))})
-    mma = sum(i.opcode.startswith(("HGMMA", "HMMA")) for i in loop.instructions)
-    waits = loop.count("WARPGROUP.DEPBAR")
-    exp2 = loop.count("MUFU.EX2")
-    instructions = len(loop.instructions)
+    mma = sum(i.opcode.startswith(("HGMMA", "HMMA")) for loop in loops for i in loop.instructions)
+    waits = sum(loop.count("WARPGROUP.DEPBAR") for loop in loops)
+    exp2 = sum(loop.count("MUFU.EX2") for loop in loops)
+    instructions = sum(len(loop.instructions) for loop in loops)
+    executed = EXECUTED.get(role, 0) + DELTA_PASS_MATMULS * (len(loops) - 1)
     constants = compiled.constants
     block_m, block_n = constants.get("BLOCK_M", 0), constants.get("BLOCK_N", constants.get("BLOCK_MEM", 0))
     # Counted FLOPs per step: 2 per multiply-add, `COUNTED` matmuls of BLOCK_M x BLOCK_N x d.
@@ -120,7 +134,7 @@ def _step_note(label, launch, device):
     exp2_tflops = counted_flops / exp2_s * device.num_sms / 1e12 if exp2_s else float("inf")
     return (f"{label} {compiled.name} [{block_m}x{block_n}, {compiled.num_warps} warps]: MMA {', '.join(kinds)}; "
             f"per step {mma} MMA, {waits} waits, {exp2} EX2, {instructions} instructions; matmuls executed/counted "
-            f"{EXECUTED.get(role, 0)}/{COUNTED.get(role, 0)}; ceilings issue {issue_tflops:.0f}, exp2 "
+            f"{executed}/{COUNTED.get(role, 0)}; ceilings issue {issue_tflops:.0f}, exp2 "
             f"{exp2_tflops:.0f} TFLOP/s (tensor peak {TENSOR_PEAK_TFLOPS:.0f})")
 
 

@@ -3,8 +3,8 @@ through fastunet.functional (Triton or reference, chosen there)."""
 
 import math
 
+import einops.layers.torch
 import torch
-from einops.layers.torch import Rearrange
 from torch import nn
 
 from fastunet import functional
@@ -18,12 +18,31 @@ def Upsample(dim, dim_out=None):
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out or dim, 3, padding=1))
 
 
+class Rearrange(einops.layers.torch.Rearrange):
+    """Downsample's pixel-unshuffle, `b c (h p1) (w p2) -> b (c p1 p2) h w`: einops' Rearrange, the module upstream
+    has there, except that a channels_last input gives a channels_last result from the one copy the rearrangement
+    makes (einops' reshape writes NCHW, which the 1x1 convolution of a channels_last model would convert again)."""
+
+    def __init__(self, p1=2, p2=2):
+        super().__init__("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=p1, p2=p2)
+        self.p1, self.p2 = p1, p2
+
+    def forward(self, x):
+        """(B, C, H, W) -> (B, C * p1 * p2, H / p1, W / p2), channel c * p1 * p2 + i * p2 + j from pixel (i, j)."""
+        channels_last = x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous()
+        if not channels_last or x.shape[2] % self.p1 or x.shape[3] % self.p2:
+            return super().forward(x)
+        batch, channels, height, width = x.shape
+        # In memory (B, H/p1, p1, W/p2, p2, C); copied to (B, H/p1, W/p2, C, p1, p2), channels_last of the result.
+        pixels = x.permute(0, 2, 3, 1).unflatten(2, (width // self.p2, self.p2))
+        pixels = pixels.unflatten(1, (height // self.p1, self.p1))
+        unshuffled = pixels.permute(0, 1, 3, 5, 2, 4).reshape(batch, height // self.p1, width // self.p2, -1)
+        return unshuffled.permute(0, 3, 1, 2)
+
+
 def Downsample(dim, dim_out=None):
     """Pixel-unshuffle by 2 then a 1x1 conv: (B, dim, H, W) -> (B, dim_out, H/2, W/2)."""
-    return nn.Sequential(
-        Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2),
-        nn.Conv2d(dim * 4, dim_out or dim, 1),
-    )
+    return nn.Sequential(Rearrange(p1=2, p2=2), nn.Conv2d(dim * 4, dim_out or dim, 1))
 
 
 class RMSNorm(nn.Module):

@@ -10,10 +10,12 @@ BLOCK_N) runs masked. The concatenation [mem; k] is never materialized. It saves
 query row (fp32) for the backward.
 
 Backward (FlashAttention-2, deterministic, no atomics), two launches and no other kernel (no zero-fill, sum or cast):
-1. dq: one program per block of queries, looping over memory slots then image keys as the forward does; it also
-   computes delta = rowsum(dO * O) (fp32) of its rows, FlashAttention's preprocess pass, and stores it, and from
-   the p and dS of the memory slots it already has, writes its query block's share of d mem_k and d mem_v as an
-   fp32 partial (B * heads * query blocks, 2, M, d), each element written by exactly one program;
+1. dq: one program per block of queries, looping over memory slots then image keys as the forward does, twice:
+   first for delta = rowsum(p * dp) / rowsum(p) (fp32) of its rows, FlashAttention's preprocess, which it stores
+   (2 more dots per key block than rowsum(dO * O), whose 16-bit roundings of p and O do not cancel where the
+   softmax is sharp: see the dq kernel), then for dq; from the p and dS of the memory slots it has then, it
+   writes its query block's share of d mem_k and d mem_v as an fp32 partial (B * heads * query blocks, 2, M, d),
+   each element written by exactly one program;
 2. dk/dv of the image keys: one program per block of BLOCK_N keys, looping over all query blocks; the same launch
    begins with 2 * heads * cdiv(M, 16) programs that sum the partials over the batch and query blocks in a fixed
    order and store d mem_k, d mem_v in the memory slots' own dtype.
@@ -50,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING
+from .scale_shift_act import kernel_memory_format
 
 LOG2E = 1.4426950408889634
 # Memory slots go through the kernels in blocks of this many; 16 is the smallest dot dimension the GPU
@@ -314,7 +317,7 @@ def _memory_reduce_program(
 def _attention_backward_dkdv_kernel(
     Q, K, V,  # (B, heads, N, HEAD_DIM) forward inputs, one dtype, any strides
     GRAD_OUT,  # (B, heads, N, HEAD_DIM) gradient of the output, Q's dtype, any strides
-    LSE, DELTA,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp; rowsum(GRAD_OUT * OUT) (dq kernel)
+    LSE, DELTA,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp; rowsum(p * dp) / rowsum(p) (dq kernel)
     DK, DV,  # (B, heads, N, HEAD_DIM) gradients of K and V, Q's dtype
     DMEM_PARTIAL,  # (B * heads * N_QUERY_BLOCKS, 2, M, HEAD_DIM) fp32: memory-slot partials of the dq kernel
     DMEM_K, DMEM_V,  # (heads, M, HEAD_DIM) gradients of the memory slots, in the slots' dtype
@@ -356,8 +359,8 @@ def _attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(
-    dq, q, g, lse, delta,  # fp32 accumulator (BLOCK_M, HEAD_DIM); q, grad-out tiles (dot operands); row stats
+def _weights_block(
+    q, g, lse,  # q, grad-out tiles (BLOCK_M, HEAD_DIM) (dot operands); row base-2 logsumexp (BLOCK_M,)
     K, V,  # key/value base pointers of this (batch, head), or of this head's memory slots
     stride_kn, stride_kd, stride_vn, stride_vd,  # their strides along positions and head dim
     start, n_keys, qk_scale,  # first key of this block; number of keys behind K/V; d^-0.5 * log2(e)
@@ -365,7 +368,9 @@ def _dq_block(
     MASK_KEYS: tl.constexpr,  # whether this block may run past n_keys
     DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """dq += dS K for one block of keys; also returns p and dS (BLOCK_M, BLOCK_N), which the memory slots use."""
+    """p (the softmax weights) and dp = dO v^T of one block of keys, (BLOCK_M, BLOCK_N) fp32, zero past n_keys,
+    and the block's k^T (HEAD_DIM, BLOCK_N) dot operand. The dq kernel's delta pass and its dq pass both take them
+    from here, so delta is formed from the very p and dp that dS is (see _attention_backward_dq_kernel)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = K + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
@@ -383,6 +388,19 @@ def _dq_block(
     if MASK_KEYS:
         p = tl.where(valid[None, :], p, 0.0)
     dp = tl.dot(g, vT, input_precision="tf32")
+    return p, dp, kT
+
+
+@triton.jit
+def _dq_block(
+    dq, q, g, lse, delta,  # fp32 accumulator (BLOCK_M, HEAD_DIM); q, grad-out tiles (dot operands); row stats
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, n_keys, qk_scale,  # as _weights_block's
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """dq += dS K for one block of keys; also returns p and dS (BLOCK_M, BLOCK_N), which the memory slots use."""
+    p, dp, kT = _weights_block(q, g, lse, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, n_keys, qk_scale,
+                               HEAD_DIM, BLOCK_N, MASK_KEYS, DTYPE, DOT_FP32)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(_operand(ds, DTYPE, DOT_FP32), tl.trans(kT), dq, input_precision="tf32")
     return dq, p, ds
@@ -392,10 +410,9 @@ def _dq_block(
 def _attention_backward_dq_kernel(
     Q, K, V,  # (B, heads, N, HEAD_DIM) forward inputs, one dtype, any strides
     MEM_K, MEM_V,  # (heads, M, HEAD_DIM) memory slots, any float dtype (cast to Q's on load)
-    OUT,  # (B, heads, N, HEAD_DIM) forward output, Q's dtype, any strides
     GRAD_OUT,  # (B, heads, N, HEAD_DIM) gradient of the output, Q's dtype, any strides
     LSE,  # (B, heads, N) fp32, contiguous: forward base-2 logsumexp
-    DELTA,  # out: (B, heads, N) fp32, contiguous: rowsum(GRAD_OUT * OUT), for the dk/dv kernel
+    DELTA,  # out: (B, heads, N) fp32, contiguous: rowsum(p * dp) / rowsum(p) (see below), for dk/dv
     DQ,  # out: (B, heads, N, HEAD_DIM) gradient of Q, Q's dtype
     DMEM_PARTIAL,  # out: (B * heads * cdiv(N, BLOCK_M), 2, M, HEAD_DIM) fp32 contiguous: this query block's share
                    # of d mem_k / d^-0.5 ([.., 0, ..]) and d mem_v ([.., 1, ..])
@@ -404,7 +421,6 @@ def _attention_backward_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,  # strides of V
     stride_mkh, stride_mkm, stride_mkd,  # strides of MEM_K
     stride_mvh, stride_mvm, stride_mvd,  # strides of MEM_V
-    stride_ob, stride_oh, stride_on, stride_od,  # strides of OUT
     stride_gb, stride_gh, stride_gn, stride_gd,  # strides of GRAD_OUT
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,  # strides of DQ
     HEADS,  # number of heads (the grid runs batch * HEADS + head major, see _program_block)
@@ -418,8 +434,9 @@ def _attention_backward_dq_kernel(
     BLOCK_MEM: tl.constexpr,  # memory slots per inner step
     DOT_FP32: tl.constexpr,  # upcast dot operands to fp32 (interpreter only)
 ):
-    """The first backward launch: per block of queries, delta = rowsum(dO * O) (FlashAttention's preprocess, here
-    with no launch of its own: this program holds the rows), dq over the memory slots then the image keys, and
+    """The first backward launch: per block of queries, a first pass over the memory slots and image keys for
+    delta = rowsum(p * dp) / rowsum(p) (FlashAttention's preprocess, here with no launch of its own: this program
+    holds the rows; see below for why not rowsum(dO * O)), then dq over the memory slots and the image keys, and
     this block's partial gradients of the memory slots (p^T dO and dS^T q, from the p and dS dq needs anyway)."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     pid_m, pid_bh = _program_block(tl.program_id(0), N_CTX, BLOCK_M)
@@ -428,7 +445,6 @@ def _attention_backward_dq_kernel(
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
-    OUT += off_b * stride_ob + off_h * stride_oh
     GRAD_OUT += off_b * stride_gb + off_h * stride_gh
     DQ += off_b * stride_dqb + off_h * stride_dqh
     MEM_K += off_h * stride_mkh
@@ -439,18 +455,47 @@ def _attention_backward_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_valid = offs_m < N_CTX
-    # Rows past N load as zeros: their results are finite and never stored, and (g = 0, lse = 0, delta = 0) their
-    # p^T g and dS^T q are zero, so they add nothing to the memory-slot partials.
+    # Rows past N load as zeros: their results are finite and never stored, and (g = 0, so dp = 0 and delta = 0)
+    # their p^T g and dS^T q are zero, so they add nothing to the memory-slot partials.
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)
     g = tl.load(GRAD_OUT + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=row_valid[:, None],
                 other=0.0)
-    out = tl.load(OUT + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=row_valid[:, None],
-                  other=0.0)
-    delta = tl.sum(out.to(tl.float32) * g.to(tl.float32), axis=1)
-    tl.store(DELTA + offs_m, delta, mask=row_valid)
     q = _operand(q, DTYPE, DOT_FP32)
     g = _operand(g, DTYPE, DOT_FP32)
     lse = tl.load(LSE + offs_m, mask=row_valid, other=0.0)
+    n_full = (N_CTX // BLOCK_N) * BLOCK_N
+
+    # delta = rowsum(p * dp) / rowsum(p) makes every row's dS = p (dp - delta) sum to zero up to fp32 rounding:
+    # - FlashAttention's rowsum(dO * O) equals it only in exact arithmetic: O went through p rounded to the 16-bit
+    #   dtype for the PV dot and was stored in it, and where the softmax is sharp (one weight near 1, dp of the
+    #   order of |dO| |v|) those roundings left 0.1-0.3 of error in dq, against the 0.005 of PyTorch's own bf16
+    #   attention (tests/test_edges.py);
+    # - dividing by rowsum(p) takes out the error common to a row's p: lse is rounded in fp32 at the magnitude of
+    #   the largest logit, so with logits of ~1e3 rowsum(p) is 1 only to ~1e-4.
+    # The image keys' products accumulate per lane, (BLOCK_M, BLOCK_N), and are reduced across lanes once: a row
+    # reduction per block would add shuffles to every step of the pass.
+    pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, M_MEM, BLOCK_MEM):
+        p, dp, _ = _weights_block(q, g, lse, MEM_K, MEM_V, stride_mkm, stride_mkd, stride_mvm, stride_mvd, start,
+                                  M_MEM, qk_scale, HEAD_DIM, BLOCK_MEM, True, DTYPE, DOT_FP32)
+        pdp += tl.sum(p * dp, 1)
+        psum += tl.sum(p, 1)
+    pdp_lanes = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    psum_lanes = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_full, BLOCK_N):
+        p, dp, _ = _weights_block(q, g, lse, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, N_CTX,
+                                  qk_scale, HEAD_DIM, BLOCK_N, False, DTYPE, DOT_FP32)
+        pdp_lanes += p * dp
+        psum_lanes += p
+    if n_full < N_CTX:
+        p, dp, _ = _weights_block(q, g, lse, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_full, N_CTX,
+                                  qk_scale, HEAD_DIM, BLOCK_N, True, DTYPE, DOT_FP32)
+        pdp_lanes += p * dp
+        psum_lanes += p
+    # rowsum(p) >= 1 up to rounding: the largest logit's p is 1 (rows past N: q = 0, every valid key's p is 1).
+    delta = (pdp + tl.sum(pdp_lanes, 1)) / (psum + tl.sum(psum_lanes, 1))
+    tl.store(DELTA + offs_m, delta, mask=row_valid)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # int64: B * heads * cdiv(N, BLOCK_M) * 2 * M * d passes 2**31 for large batches at high resolution.
@@ -466,7 +511,6 @@ def _attention_backward_dq_kernel(
         slot_valid = offs_s[:, None] < M_MEM
         tl.store(partial + tile, dmem_k, mask=slot_valid)
         tl.store(partial + M_MEM * HEAD_DIM + tile, dmem_v, mask=slot_valid)
-    n_full = (N_CTX // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
         dq, p, ds = _dq_block(dq, q, g, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, start, N_CTX,
                               qk_scale, HEAD_DIM, BLOCK_N, False, DTYPE, DOT_FP32)
@@ -691,7 +735,7 @@ def _forward(q, k, v, mem_k, mem_v, scale, out):
     return lse
 
 
-def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale, dq, dk, dv, dmem_k, dmem_v):
+def _backward(grad_out, q, k, v, mem_k, mem_v, lse, scale, dq, dk, dv, dmem_k, dmem_v):
     """Writes the gradients into dq, dk, dv (B, heads, N, d) and dmem_k, dmem_v (heads, M, d) (any strides, the
     latter two the same ones), in two launches and no other kernel: the dq kernel (with delta and the memory-slot
     partials), then the dk/dv kernel (with the memory-slot reductions)."""
@@ -710,9 +754,9 @@ def _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale, dq, dk, dv, dmem
     dmem_partial = torch.empty((batch * heads * query_blocks, 2, m, d), dtype=torch.float32, device=q.device)
     mem_k_in, mem_v_in = _standin(mem_k, k), _standin(mem_v, v)
     _attention_backward_dq_kernel[_grid(n, block_m, batch * heads)](
-        q, k, v, mem_k_in, mem_v_in, out, grad_out, lse, delta, dq, dmem_partial if m > 0 else lse,
-        *q.stride(), *k.stride(), *v.stride(), *mem_k_in.stride(), *mem_v_in.stride(), *out.stride(),
-        *grad_out.stride(), *dq.stride(), heads, n, m, *scales,
+        q, k, v, mem_k_in, mem_v_in, grad_out, lse, delta, dq, dmem_partial if m > 0 else lse,
+        *q.stride(), *k.stride(), *v.stride(), *mem_k_in.stride(), *mem_v_in.stride(), *grad_out.stride(),
+        *dq.stride(), heads, n, m, *scales,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_MEM=BLOCK_MEM, DOT_FP32=INTERPRETING,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -777,9 +821,10 @@ def _attention_forward_fake(q, k, v, mem_k, mem_v, scale):
 
 @torch.library.custom_op("fastunet::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mem_k: torch.Tensor, mem_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       mem_k: torch.Tensor, mem_v: torch.Tensor, lse: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward kernels. grad_out (B, heads, N, d) any strides; the rest as attention_forward's inputs and outputs.
+    """Backward kernels. grad_out (B, heads, N, d) any strides; the rest as attention_forward's inputs and its lse
+    (the output itself is not needed: see the dq kernel's delta).
 
     Returns dq, dk, dv (B, heads, N, d) in q.dtype with strides (heads*d*N, d*N, 1, N), and d mem_k, d mem_v
     (heads, M, d) contiguous in the dtypes of mem_k and mem_v.
@@ -788,12 +833,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq, dk, dv = _empty_like_output(q), _empty_like_output(q), _empty_like_output(q)
     dmem_k = torch.empty(mem_k.shape, dtype=mem_k.dtype, device=mem_k.device)
     dmem_v = torch.empty(mem_v.shape, dtype=mem_v.dtype, device=mem_v.device)
-    _backward(grad_out, q, k, v, mem_k, mem_v, out, lse, scale, dq, dk, dv, dmem_k, dmem_v)
+    _backward(grad_out, q, k, v, mem_k, mem_v, lse, scale, dq, dk, dv, dmem_k, dmem_v)
     return dq, dk, dv, dmem_k, dmem_v
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, mem_k, mem_v, out, lse, scale):
+def _attention_backward_fake(grad_out, q, k, v, mem_k, mem_v, lse, scale):
     return (_empty_like_output(q), _empty_like_output(q), _empty_like_output(q), mem_k.new_empty(mem_k.shape),
             mem_v.new_empty(mem_v.shape))
 
@@ -804,15 +849,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     # No zero tensor for lse's (absent) gradient: that would be one more kernel per backward.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
+    ctx.save_for_backward(q, k, v, mem_k, mem_v, lse)
     ctx.scale = scale
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
     if grad_out is None:
         return None, None, None, None, None, None
-    q, k, v, mem_k, mem_v, out, lse = ctx.saved_tensors
-    grads = torch.ops.fastunet.attention_backward(grad_out, q, k, v, mem_k, mem_v, out, lse, ctx.scale)
+    q, k, v, mem_k, mem_v, lse = ctx.saved_tensors
+    grads = torch.ops.fastunet.attention_backward(grad_out, q, k, v, mem_k, mem_v, lse, ctx.scale)
     return (*grads, None)
 
 
@@ -824,44 +869,52 @@ def _packed_shapes(qkv, mem_kv, heads):
     return (batch, channels // 3, height, width)
 
 
+def _image_like(qkv, shape):
+    """A fresh (B, C, H, W) tensor of `shape` in qkv's dtype and layout: channels_last when qkv is (the to_qkv
+    output of a channels_last model), so that neither to_out's input nor to_qkv's gradient needs a layout copy
+    in the convolutions; NCHW otherwise. The kernels write through any strides."""
+    return torch.empty(shape, dtype=qkv.dtype, device=qkv.device, memory_format=kernel_memory_format(qkv))
+
+
 @torch.library.custom_op("fastunet::packed_attention_forward", mutates_args=())
 def packed_attention_forward(qkv: torch.Tensor, mem_kv: torch.Tensor, heads: int,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel on the to_qkv output. qkv (B, 3*heads*d, H, W) one float dtype, any strides, d in HEAD_DIMS;
-    mem_kv (2, heads, M, d) any float dtype. Returns out (B, heads*d, H, W) contiguous in qkv.dtype (to_out's
-    input) and lse (B, heads, H*W) fp32 (see attention_forward)."""
+    mem_kv (2, heads, M, d) any float dtype. Returns out (B, heads*d, H, W) in qkv.dtype and layout (to_out's
+    input, see _image_like) and lse (B, heads, H*W) fp32 (see attention_forward)."""
     q, k, v = _qkv_views(qkv, heads)
     _check_head_dim("packed_attention_forward", q.shape[-1])
-    out = torch.empty(_packed_shapes(qkv, mem_kv, heads), dtype=qkv.dtype, device=qkv.device)
+    out = _image_like(qkv, _packed_shapes(qkv, mem_kv, heads))
     return out, _forward(q, k, v, mem_kv[0], mem_kv[1], scale, _image_view(out, heads))
 
 
 @packed_attention_forward.register_fake
 def _packed_attention_forward_fake(qkv, mem_kv, heads, scale):
     batch, _, height, width = qkv.shape
-    return (qkv.new_empty(_packed_shapes(qkv, mem_kv, heads)),
+    return (_image_like(qkv, _packed_shapes(qkv, mem_kv, heads)),
             qkv.new_empty((batch, heads, height * width), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastunet::packed_attention_backward", mutates_args=())
-def packed_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor, out: torch.Tensor,
+def packed_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor,
                               lse: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward kernels on the to_qkv output. grad_out (B, heads*d, H, W) any strides. Returns d qkv
-    (B, 3*heads*d, H, W) contiguous in qkv.dtype, one tensor (autograd joins nothing), and d mem_kv
-    (2, heads, M, d) contiguous in mem_kv's dtype."""
+    (B, 3*heads*d, H, W) in qkv.dtype and layout (_image_like), one tensor (autograd joins nothing), and d mem_kv
+    (2, heads, M, d) in mem_kv's dtype and strides (after model.to(memory_format=torch.channels_last) the 4-D
+    parameter is channels_last, and a gradient of other strides would be copied by autograd's accumulation)."""
     q, k, v = _qkv_views(qkv, heads)
     _check_head_dim("packed_attention_backward", q.shape[-1])
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    dmem_kv = torch.empty(mem_kv.shape, dtype=mem_kv.dtype, device=mem_kv.device)
+    dqkv = _image_like(qkv, qkv.shape)
+    dmem_kv = torch.empty_like(mem_kv)
     dq, dk, dv = _qkv_views(dqkv, heads)
-    _backward(_image_view(grad_out, heads), q, k, v, mem_kv[0], mem_kv[1], _image_view(out, heads), lse, scale,
-              dq, dk, dv, dmem_kv[0], dmem_kv[1])
+    _backward(_image_view(grad_out, heads), q, k, v, mem_kv[0], mem_kv[1], lse, scale, dq, dk, dv, dmem_kv[0],
+              dmem_kv[1])
     return dqkv, dmem_kv
 
 
 @packed_attention_backward.register_fake
-def _packed_attention_backward_fake(grad_out, qkv, mem_kv, out, lse, heads, scale):
-    return qkv.new_empty(qkv.shape), mem_kv.new_empty(mem_kv.shape)
+def _packed_attention_backward_fake(grad_out, qkv, mem_kv, lse, heads, scale):
+    return _image_like(qkv, qkv.shape), torch.empty_like(mem_kv)
 
 
 def _packed_setup_context(ctx, inputs, output):
@@ -869,15 +922,15 @@ def _packed_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(qkv, mem_kv, out, lse)
+    ctx.save_for_backward(qkv, mem_kv, lse)
     ctx.heads, ctx.scale = heads, scale
 
 
 def _packed_backward_rule(ctx, grad_out, grad_lse):
     if grad_out is None:
         return None, None, None, None
-    qkv, mem_kv, out, lse = ctx.saved_tensors
-    dqkv, dmem_kv = torch.ops.fastunet.packed_attention_backward(grad_out, qkv, mem_kv, out, lse, ctx.heads,
+    qkv, mem_kv, lse = ctx.saved_tensors
+    dqkv, dmem_kv = torch.ops.fastunet.packed_attention_backward(grad_out, qkv, mem_kv, lse, ctx.heads,
                                                                  ctx.scale)
     return dqkv, dmem_kv, None, None
 

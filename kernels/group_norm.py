@@ -43,6 +43,8 @@ from fastunet.kernels.scale_shift_act import (
     device_limits,
     empty_output,
     gradient_or_empty,
+    gradient_rows,
+    gradient_tile_pointers,
     halves_of_one,
     in_memory_format,
     kernel_memory_format,
@@ -260,13 +262,14 @@ def _group_norm_forward_kernel(
 
 @triton.jit
 def _group_norm_backward_kernel(
-    grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, all contiguous in the layout CHANNELS_LAST says
+    grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, in the layout CHANNELS_LAST says (strides below)
     weight_ptr, bias_ptr,  # (C,) raw bytes of any float dtype, unit stride, read only when has_weight / has_bias
     scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     mean_ptr, rstd_ptr,  # (B * G,) fp32 statistics saved by the forward
     sum_du_xhat_ptr, sum_du_ptr,  # (B * C,) fp32 outputs: per row, sums over pixels of du * xhat and du
     partial_du_xhat_ptr, partial_du_ptr,  # (chunks, B * C) fp32: split path, the same sums per chunk
-    batch_stride, line_stride,  # of grad_y, x and grad_x
+    batch_stride, line_stride,  # of x and grad_x
+    grad_batch_stride, grad_line_stride,  # of grad_y: its own under GRAD_STRIDES, else x's
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
     channels, pixels, channels_per_group, groups, num_packs, groups_per_pack, pixel_blocks_per_chunk,
     dtype_codes,  # pack_dtype_codes(weight, bias, scale, shift)
@@ -274,6 +277,7 @@ def _group_norm_backward_kernel(
     compute_grad_x,  # False: only the sums (for parameter gradients)
     mode,
     BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    GRAD_STRIDES: tl.constexpr,  # grad_y has strides of its own (gradient_rows): read through them
 ):
     chunk = tl.program_id(1)
     pixel_blocks = tl.cdiv(pixels, BLOCK_PIXELS)
@@ -313,8 +317,12 @@ def _group_norm_backward_kernel(
                     offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
                     x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                 eviction_policy="evict_last").to(tl.float32)
-                    grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
-                                     other=0.0, eviction_policy="evict_last").to(tl.float32)
+                    grad_pointers = tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN)
+                    if GRAD_STRIDES:
+                        grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
+                                                               line_stride, grad_batch_stride, grad_line_stride,
+                                                               CHANNELS_LAST, ALIGN)
+                    grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
                     du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
                     xhat = (x - mean[:, None]) * rstd[:, None]
                     sum_du_xhat += tl.sum(du * xhat, 1)
@@ -348,8 +356,12 @@ def _group_norm_backward_kernel(
                     offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
                     x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                 eviction_policy="evict_first").to(tl.float32)
-                    grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
-                                     other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    grad_pointers = tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN)
+                    if GRAD_STRIDES:
+                        grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
+                                                               line_stride, grad_batch_stride, grad_line_stride,
+                                                               CHANNELS_LAST, ALIGN)
+                    grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                     du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
                     xhat = (x - mean[:, None]) * rstd[:, None]
                     grad_x = rstd[:, None] * (gamma[:, None] * du - mean_dxhat[:, None]
@@ -490,24 +502,29 @@ def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, ele
     return GroupNormPlan(name, groups_per_pack, 1, programs)
 
 
-def _prepare_launch(plan, tensors, groups, backward):
-    """Check (or choose) the plan for (B, C, H, W) tensors of one layout (x first). Returns the plan with its
-    chunks normalized, the shape arguments of the kernels and their launch metadata."""
+def _prepare_launch(plan, tensors, groups, backward, strides=()):
+    """Check (or choose) the plan for (B, C, H, W) tensors of one layout (x first; `strides`: a gradient's own, see
+    gradient_rows, when they are not x's). Returns the plan with its chunks normalized, the shape arguments of the
+    kernels and their launch metadata."""
     x = tensors[0]
     batch, channels, height, width = x.shape
     pixels, channels_per_group = height * width, channels // groups
     channels_last = kernel_memory_format(x) == torch.channels_last
     if plan is None:
         num_sms, l2_bytes = device_limits(x.device)
-        aligned = vector_aligned(tensors, _contiguous_run(channels_last, pixels, channels))
+        aligned = vector_aligned(tensors, _contiguous_run(channels_last, pixels, channels), strides)
         plan = plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, x.element_size(),
                                num_sms, l2_bytes, backward)
+    if backward and strides and plan.tile == "big":
+        # Its 16 warps cap ptxas at 128 registers, where the shifts of a gradient's own strides spill 8-24 bytes
+        # (see _backward_max_registers): the same 8-row programs on the "rows" tile instead.
+        plan = replace(plan, tile="rows")
     pack_rows = plan.groups_per_pack * channels_per_group
     tile = tile_for(plan.tile, backward, channels_last, x.element_size())
     if groups % plan.groups_per_pack or (plan.groups_per_pack > 1 and pack_rows > tile.rows):
         raise ValueError(f"group_norm_act: {plan.groups_per_pack} groups per pack do not divide {groups} groups "
                          f"or do not fit {tile.rows} rows")
-    if tile.align > 1 and not vector_aligned(tensors, _contiguous_run(channels_last, pixels, pack_rows)):
+    if tile.align > 1 and not vector_aligned(tensors, _contiguous_run(channels_last, pixels, pack_rows), strides):
         raise ValueError(f"group_norm_act: tile {plan.tile!r} needs vector-aligned inputs")
     if plan.chunks < 1 or plan.programs < 1:
         raise ValueError(f"group_norm_act: chunks and programs must be positive, got {plan}")
@@ -519,7 +536,18 @@ def _prepare_launch(plan, tensors, groups, backward):
     shape_args = (channels, pixels, channels_per_group, groups, num_packs, plan.groups_per_pack, blocks_per_chunk)
     meta = dict(BLOCK_ROWS=tile.rows, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last, ALIGN=tile.align,
                 num_warps=tile.num_warps, maxnreg=tile.max_registers)
+    if backward:
+        meta.update(GRAD_STRIDES=bool(strides), maxnreg=_backward_max_registers(tile, bool(strides)))
     return plan, shape_args, meta
+
+
+def _backward_max_registers(tile, grad_strides):
+    """ptxas's register cap of a backward tile. With a gradient of strides of its own (GRAD_STRIDES), the shift of
+    its pointer pushed the aligned 16-bit tiles past the 128 of Tile.max_registers (12-28 bytes of spills on
+    sm_80), and without a cap ptxas limited itself to 64 on sm_90 and spilled 20: 255, which ptxas uses as needed
+    (sm_80: 96-128 for NCHW, up to 228 for channels_last), fewer programs per SM on that path only. Its tiles
+    have at most 8 warps (the 16 of "big" could not exceed 128 registers: _prepare_launch avoids it)."""
+    return 255 if grad_strides else tile.max_registers
 
 
 def _launch(kernel, plan, num_packs, args, meta):
@@ -585,10 +613,11 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
     need_x, *need_parameters = needs
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
-    grad_y = in_memory_format(grad_y, memory_format)
+    grad_y, *grad_strides = gradient_rows(grad_y, memory_format)
+    own_strides = tuple(grad_strides) != row_strides(x.shape, memory_format)
     grad_x = empty_output(x) if need_x else None
     plan, shape_args, meta = _prepare_launch(plan, (x, grad_y) if grad_x is None else (x, grad_y, grad_x), groups,
-                                             backward=True)
+                                             backward=True, strides=tuple(grad_strides) if own_strides else ())
     weight, bias = _contiguous_parameter(weight), _contiguous_parameter(bias)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels = x.shape[:2]
@@ -602,7 +631,7 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
     args = (
         grad_y, x, x if grad_x is None else grad_x, *parameter_pointers,
         mean, rstd, sum_du_xhat, sum_du, partial_du_xhat, partial_du,
-        *row_strides(x.shape, memory_format), *scale_shift_strides, *shape_args, dtype_codes,
+        *row_strides(x.shape, memory_format), *grad_strides, *scale_shift_strides, *shape_args, dtype_codes,
         *runtime_flags(weight is not None, bias is not None, scale_half is not None, shift_half is not None, silu,
                        need_x),
     )
@@ -728,13 +757,23 @@ def gpu_compile_configs():
                 tile = tile_for(name, backward, channels_last, dtype.itemsize)
                 constexprs = dict(BLOCK_ROWS=tile.rows, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
                                   ALIGN=tile.align)
-                signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags)
-                options = dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
-                # The Unet's layout (NCHW) with the specialization its launches get; channels_last and odd shapes
-                # without (with it, channels_last backward tiles spilled 12-24 bytes on sm_80/86: not yet refit).
-                if tile.align == 1 or channels_last:
-                    yield kernel, signature, constexprs, options
-                else:
-                    signature, constexprs, attrs = unet_launch_specialization(kernel, signature, constexprs)
-                    yield kernel, signature, constexprs, options, attrs
+                # The backward in both forms: a gradient in x's strides, and one with its own (GRAD_STRIDES; never
+                # on the "big" tile, see _prepare_launch).
+                for grad_strides in (False, True) if backward else (None,):
+                    if grad_strides and name == "big":
+                        continue
+                    if grad_strides is not None:
+                        constexprs = dict(constexprs, GRAD_STRIDES=grad_strides)
+                    signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags)
+                    options = dict(num_warps=tile.num_warps,
+                                   maxnreg=_backward_max_registers(tile, grad_strides) if backward else
+                                   tile.max_registers)
+                    # The Unet's layout (NCHW) with the specialization its launches get; channels_last and odd
+                    # shapes without (with it, channels_last backward tiles spilled 12-24 bytes on sm_80/86: not
+                    # yet refit).
+                    if tile.align == 1 or channels_last:
+                        yield kernel, signature, constexprs, options
+                    else:
+                        signature, constexprs_, attrs = unet_launch_specialization(kernel, signature, constexprs)
+                        yield kernel, signature, constexprs_, options, attrs
     yield from parameter_grads_compile_configs()

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from fastunet.kernels import INTERPRETING
+from fastunet.kernels.scale_shift_act import kernel_memory_format
 
 HEAD_DIMS = (16, 32, 64, 128)
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -280,12 +281,13 @@ def _context_combine_kernel(
 def _output_kernel(
     q_ptr,  # (B, heads, D, N) queries, strides stride_q*
     context_ptr,  # (B*heads, D, D) fp32 normalized context[c, e]
-    out_ptr,  # out: (B, heads, D, N) contiguous, q's dtype
+    out_ptr,  # out: (B, heads, D, N) q's dtype, strides stride_out*
     heads,  # number of heads
     N,  # positions
     tiles_per_program,  # BLOCK_N-tiles of positions per program along axis 1
     scale,  # D ** -0.5, applied to the query softmax
     stride_qb, stride_qh, stride_qd, stride_qn,  # q strides in elements
+    stride_outb, stride_outh, stride_outd, stride_outn,  # out strides in elements
     D: tl.constexpr,  # head dim
     BLOCK_N: tl.constexpr,  # positions per tile
     UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
@@ -297,7 +299,8 @@ def _output_kernel(
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d[:, None] * stride_qd
-    out_base = out_ptr + pid_bh.to(tl.int64) * D * N + offs_d[:, None] * N
+    out_base = (out_ptr + batch.to(tl.int64) * stride_outb + head.to(tl.int64) * stride_outh
+                + offs_d[:, None] * stride_outd)
     # [e, c], scaled once here rather than per position, and rounded once for the products.
     context = tl.load(context_ptr + pid_bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
     context_t = (tl.trans(context) * scale).to(DOT_DTYPE)
@@ -312,7 +315,7 @@ def _output_kernel(
         # D * BLOCK_N), on exp values in (0, 1] that round well to 16 bits.
         q_exp = tl.exp(q - tl.max(q, axis=0)[None, :])
         out = _dot(context_t, q_exp, DOT_DTYPE, UPCAST) * (1.0 / tl.sum(q_exp, axis=0))[None, :]
-        tl.store(out_base + pos[None, :], out.to(out_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(out_base + pos[None, :] * stride_outn, out.to(out_ptr.dtype.element_ty), mask=in_seq)
 
 
 @triton.jit
@@ -320,7 +323,7 @@ def _query_grad_kernel(
     q_ptr,  # (B, heads, D, N) queries, strides stride_q*
     dout_ptr,  # (B, heads, D, N) gradient of out, q's dtype, strides stride_o*
     context_ptr,  # (B*heads, D, D) fp32 normalized context[c, e] from the forward
-    dq_ptr,  # out: (B, heads, D, N) q's dtype, strides (stride_dqb, stride_dqh, N, 1)
+    dq_ptr,  # out: (B, heads, D, N) q's dtype, strides stride_dq*
     dpartial_ptr,  # out: (B*heads, splits, D, D) fp32 the split's part of dcontext[c, e]
     heads,  # number of heads
     N,  # positions
@@ -328,7 +331,7 @@ def _query_grad_kernel(
     scale,  # D ** -0.5
     stride_qb, stride_qh, stride_qd, stride_qn,  # q strides in elements
     stride_ob, stride_oh, stride_od, stride_on,  # dout strides in elements
-    stride_dqb, stride_dqh,  # dq strides along batch and head, in elements
+    stride_dqb, stride_dqh, stride_dqd, stride_dqn,  # dq strides in elements
     D: tl.constexpr,  # head dim
     BLOCK_N: tl.constexpr,  # positions per tile
     UPCAST: tl.constexpr,  # interpreting: compute 16-bit dots in fp32 (see _dot)
@@ -342,7 +345,7 @@ def _query_grad_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + offs_d[:, None] * stride_qd
     dout_base = dout_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_d[:, None] * stride_od
-    dq_base = dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + offs_d[:, None] * N
+    dq_base = dq_ptr + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh + offs_d[:, None] * stride_dqd
     # d(scaled query softmax)[c, n] = scale * sum_e context[c, e] dout[e, n]; the context (a weighted average of
     # values) is as bounded as they are, so it rounds to 16 bits without overflow.
     context_t = tl.load(context_ptr + pid_bh.to(tl.int64) * D * D + offs_d[None, :] * D + offs_d[:, None])
@@ -363,7 +366,7 @@ def _query_grad_kernel(
         dprobs = _dot_hi_lo(context_hi, context_lo, dout, DOT_DTYPE, UPCAST)
         # Softmax backward over the feature axis.
         dq = probs * (dprobs - tl.sum(probs * dprobs, axis=0)[None, :])
-        tl.store(dq_base + pos[None, :], dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(dq_base + pos[None, :] * stride_dqn, dq.to(dq_ptr.dtype.element_ty), mask=in_seq)
 
     part = pid_bh.to(tl.int64) * tl.num_programs(1) + split
     tl.store(dpartial_ptr + part * D * D + offs_d[:, None] * D + offs_d[None, :], dcontext * scale)
@@ -425,7 +428,8 @@ def _context_grad_combine_kernel(
 @triton.jit
 def _key_value_grad_program(
     pid_bh, row_part, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N, tiles_per_program,
-    stride_kb, stride_kh, stride_kd, stride_kn, stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh,
+    stride_kb, stride_kh, stride_kd, stride_kn, stride_vb, stride_vh, stride_vd, stride_vn,
+    stride_dkb, stride_dkh, stride_dkd, stride_dkn,
     D: tl.constexpr, BLOCK_N: tl.constexpr, ROW_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dk, dv of rows [row_part * D / ROW_SPLIT, +D / ROW_SPLIT) of the tiles of program (pid_bh, program_id(1)).
@@ -445,7 +449,7 @@ def _key_value_grad_program(
     k_base = k_ptr + head_offset + offs_d[:, None] * stride_kd
     k_rows_base = k_ptr + head_offset + rows[:, None] * stride_kd
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh + offs_d[:, None] * stride_vd
-    grad_offset = batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh + rows[:, None] * N
+    grad_offset = batch.to(tl.int64) * stride_dkb + head.to(tl.int64) * stride_dkh + rows[:, None] * stride_dkd
     dk_base = dk_ptr + grad_offset
     dv_base = dv_ptr + grad_offset
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * D + offs_d)
@@ -478,8 +482,8 @@ def _key_value_grad_program(
         dkey_probs = _dot_hi_lo(dcontext_hi, dcontext_lo, values, DOT_DTYPE, UPCAST) * dscale
         dkeys = key_probs_rows * (dkey_probs - rowdot[:, None])
         dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale_t
-        tl.store(dk_base + pos[None, :], dkeys.to(dk_ptr.dtype.element_ty), mask=in_seq)
-        tl.store(dv_base + pos[None, :], dvalues.to(dv_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(dk_base + pos[None, :] * stride_dkn, dkeys.to(dk_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(dv_base + pos[None, :] * stride_dkn, dvalues.to(dv_ptr.dtype.element_ty), mask=in_seq)
 
 
 @triton.jit
@@ -519,7 +523,7 @@ def _key_value_grad_kernel(
     lse_ptr,  # (B*heads, D) fp32 key log-sum-exp from the forward
     dcontext_ptr,  # (B*heads, D, D) fp32 dcontext[c, e]
     rowdot_ptr,  # (B*heads, D) fp32 per-row sum_j ks dks
-    dk_ptr,  # out: (B, heads, D, N) q's dtype, strides (stride_dkb, stride_dkh, N, 1)
+    dk_ptr,  # out: (B, heads, D, N) q's dtype, strides stride_dk*
     dv_ptr,  # out: (B, heads, D, N) q's dtype, dk's strides
     dmem_k_part_ptr,  # (B*heads, D, M) fp32 memory-key gradient of each batch element
     dmem_v_part_ptr,  # (B*heads, D / ROWS, D, M) fp32 memory-value gradient of each batch element and row block
@@ -533,7 +537,7 @@ def _key_value_grad_kernel(
     tiles_per_program,  # BLOCK_N-tiles of positions per program along axis 1
     stride_kb, stride_kh, stride_kd, stride_kn,  # k strides in elements
     stride_vb, stride_vh, stride_vd, stride_vn,  # v strides in elements
-    stride_dkb, stride_dkh,  # dk and dv strides along batch and head, in elements
+    stride_dkb, stride_dkh, stride_dkd, stride_dkn,  # dk and dv strides in elements (the same for both)
     stride_dmh, stride_dmd, stride_dmm,  # dmem_k and dmem_v strides in elements
     D: tl.constexpr,  # head dim
     BLOCK_N: tl.constexpr,  # positions per tile
@@ -548,7 +552,8 @@ def _key_value_grad_kernel(
     if pid < batch_size * heads * ROW_SPLIT:
         _key_value_grad_program(pid // ROW_SPLIT, pid % ROW_SPLIT, k_ptr, v_ptr, lse_ptr, dcontext_ptr, rowdot_ptr, dk_ptr, dv_ptr, heads, N,
                                 tiles_per_program, stride_kb, stride_kh, stride_kd, stride_kn,
-                                stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh, D, BLOCK_N,
+                                stride_vb, stride_vh, stride_vd, stride_vn, stride_dkb, stride_dkh, stride_dkd,
+                                stride_dkn, D, BLOCK_N,
                                 ROW_SPLIT, UPCAST)
     else:
         _memory_grad_reduce_program(pid - batch_size * heads * ROW_SPLIT, dmem_k_part_ptr, dmem_v_part_ptr, dmem_k_ptr,
@@ -661,6 +666,13 @@ def _memory_or_standin(mem, standin):
     return mem if mem.shape[-1] > 0 else standin
 
 
+def _image_like(qkv, shape):
+    """A fresh (B, C, H, W) tensor of `shape` in qkv's dtype and layout: channels_last when qkv is (the to_qkv
+    output of a channels_last model), so that neither to_out's input nor to_qkv's gradient needs a layout copy
+    in the convolutions; NCHW otherwise. The kernels write through any strides."""
+    return torch.empty(shape, dtype=qkv.dtype, device=qkv.device, memory_format=kernel_memory_format(qkv))
+
+
 def _qkv_views(qkv, heads):
     """q, k, v (B, heads, d, N) views of a (B, 3*heads*d, H, W) tensor (a copy only for strides that cannot merge
     H and W)."""
@@ -669,7 +681,7 @@ def _qkv_views(qkv, heads):
 
 
 def _forward(q, k, v, mem_k, mem_v, num_splits, out):
-    """Writes the attention into `out` (B, heads, d, N) contiguous; returns (context, lse)."""
+    """Writes the attention into `out` (B, heads, d, N), any strides; returns (context, lse)."""
     batch, heads, head_dim, n = q.shape
     _check_head_dim(head_dim)
     context = torch.empty((batch, heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
@@ -695,15 +707,15 @@ def _forward(q, k, v, mem_k, mem_v, num_splits, out):
     )  # fmt: skip
     if n > 0:
         _output_kernel[(batch_heads, programs)](
-            q, context, out, heads, n, tiles_per_program, head_dim**-0.5, *q.stride(),
+            q, context, out, heads, n, tiles_per_program, head_dim**-0.5, *q.stride(), *out.stride(),
             D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
         )  # fmt: skip
     return context, lse
 
 
 def _backward(dout, q, k, v, mem_k, mem_v, context, lse, num_splits, dq, dk, dv, dmem_k, dmem_v):
-    """Writes dq, dk, dv (B, heads, d, N; strides (., ., N, 1), dk's and dv's the same) and dmem_k, dmem_v
-    (heads, d, M; the same strides) in three launches and no other kernel."""
+    """Writes dq, dk, dv (B, heads, d, N; any strides, dk's and dv's the same) and dmem_k, dmem_v (heads, d, M;
+    the same strides) in three launches and no other kernel."""
     batch, heads, head_dim, n = q.shape
     m = mem_k.shape[-1]
     batch_heads = batch * heads
@@ -722,7 +734,7 @@ def _backward(dout, q, k, v, mem_k, mem_v, context, lse, num_splits, dq, dk, dv,
     dpartial = torch.empty((batch_heads, splits, head_dim, head_dim), dtype=torch.float32, device=q.device)
     _query_grad_kernel[(batch_heads, splits)](
         q, dout, context, dq, dpartial, heads, n, tiles_per_split, head_dim**-0.5, *q.stride(), *dout.stride(),
-        dq.stride(0), dq.stride(1), D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
+        *dq.stride(), D=head_dim, BLOCK_N=blocks.block_n, UPCAST=INTERPRETING, **options,
     )  # fmt: skip
     dcontext = torch.empty((batch_heads, head_dim, head_dim), dtype=torch.float32, device=q.device)
     rowdot = torch.empty((batch_heads, head_dim), dtype=torch.float32, device=q.device)
@@ -737,7 +749,7 @@ def _backward(dout, q, k, v, mem_k, mem_v, context, lse, num_splits, dq, dk, dv,
     # One extra program row per head when there are memory slots: the reductions of their gradients.
     _key_value_grad_kernel[(batch_heads * blocks.row_split + (heads if m > 0 else 0), programs)](
         k, v, lse, dcontext, rowdot, dk, dv, dmem_k_part_in, dmem_v_part_in, dmem_k_out, dmem_v_out,
-        batch, heads, n, m, tiles_per_program, *k.stride(), *v.stride(), dk.stride(0), dk.stride(1),
+        batch, heads, n, m, tiles_per_program, *k.stride(), *v.stride(), *dk.stride(),
         *dmem_k_out.stride(),
         D=head_dim, BLOCK_N=blocks.block_n, ROWS=COMBINE_ROWS, BLOCK_M=MEMORY_BLOCK, ROW_SPLIT=blocks.row_split,
         UPCAST=INTERPRETING, **options,
@@ -828,11 +840,12 @@ def packed_linear_attention_forward(
     qkv: torch.Tensor, mem_kv: torch.Tensor, heads: int, num_splits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, context, lse) on the to_qkv output: qkv (B, 3*heads*d, H, W) any strides, mem_kv (2, heads, d, M) any
-    float dtype; out (B, heads*d, H, W) contiguous in qkv.dtype, context and lse as linear_attention_forward's."""
+    float dtype; out (B, heads*d, H, W) in qkv.dtype and layout (_image_like), context and lse as
+    linear_attention_forward's."""
     batch, channels, height, width = qkv.shape
     q, k, v = _qkv_views(qkv, heads)
-    out = torch.empty((batch, channels // 3, height, width), dtype=qkv.dtype, device=qkv.device)
-    return (out, *_forward(q, k, v, mem_kv[0], mem_kv[1], num_splits, out.view(q.shape)))
+    out = _image_like(qkv, (batch, channels // 3, height, width))
+    return (out, *_forward(q, k, v, mem_kv[0], mem_kv[1], num_splits, out.flatten(2).unflatten(1, q.shape[1:3])))
 
 
 @packed_linear_attention_forward.register_fake
@@ -840,7 +853,7 @@ def _(qkv, mem_kv, heads, num_splits):
     batch, channels, height, width = qkv.shape
     head_dim = channels // (3 * heads)
     return (
-        qkv.new_empty((batch, channels // 3, height, width)),
+        _image_like(qkv, (batch, channels // 3, height, width)),
         qkv.new_empty((batch, heads, head_dim, head_dim), dtype=torch.float32),
         qkv.new_empty((batch, heads, head_dim), dtype=torch.float32),
     )
@@ -851,11 +864,14 @@ def packed_linear_attention_backward(
     dout: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor, context: torch.Tensor, lse: torch.Tensor,
     heads: int, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d qkv, d mem_kv): d qkv (B, 3*heads*d, H, W) contiguous in qkv.dtype, one tensor (autograd joins nothing);
-    d mem_kv (2, heads, d, M) contiguous in mem_kv's dtype. dout (B, heads*d, H, W) any strides."""
+    """(d qkv, d mem_kv): d qkv (B, 3*heads*d, H, W) in qkv.dtype and layout (_image_like), one tensor (autograd
+    joins nothing);
+    d mem_kv (2, heads, d, M) in mem_kv's dtype and strides (channels_last after model.to(memory_format=
+    torch.channels_last): other strides would make autograd's accumulation copy it). dout (B, heads*d, H, W) any
+    strides."""
     q, k, v = _qkv_views(qkv, heads)
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    dmem_kv = torch.empty(mem_kv.shape, dtype=mem_kv.dtype, device=mem_kv.device)
+    dqkv = _image_like(qkv, qkv.shape)
+    dmem_kv = torch.empty_like(mem_kv)
     dq, dk, dv = _qkv_views(dqkv, heads)
     dout = dout.flatten(2).unflatten(1, q.shape[1:3])
     _backward(dout, q, k, v, mem_kv[0], mem_kv[1], context, lse, num_splits, dq, dk, dv, dmem_kv[0], dmem_kv[1])
@@ -864,7 +880,7 @@ def packed_linear_attention_backward(
 
 @packed_linear_attention_backward.register_fake
 def _(dout, qkv, mem_kv, context, lse, heads, num_splits):
-    return qkv.new_empty(qkv.shape), mem_kv.new_empty(mem_kv.shape)
+    return _image_like(qkv, qkv.shape), torch.empty_like(mem_kv)
 
 
 def _packed_setup_context(ctx, inputs, output):
@@ -937,8 +953,8 @@ _MEMORY_POINTERS = {"mem_k_ptr", "mem_v_ptr", "dmem_k_ptr", "dmem_v_ptr"}
 # tensors the kernels allocate, and the head strides of the memory slots (d*M, d >= 16). With PyTorch's 16-byte
 # aligned allocations (the to_qkv chunks and the mem_kv halves start a multiple of 16 bytes apart), a launch
 # marks exactly these and every pointer tt.divisibility=16.
-_DIVISIBLE_INTS = {"N", "stride_dqb", "stride_dqh", "stride_dkb", "stride_dkh", "stride_mkh", "stride_mvh",
-                   "stride_dmh"} | {f"stride_{t}{a}" for t in "qkvo" for a in "bhd"}
+_DIVISIBLE_INTS = {"N", "stride_mkh", "stride_mvh", "stride_dmh"} | {
+    f"stride_{t}{a}" for t in ("q", "k", "v", "o", "out", "dq", "dk") for a in "bhd"}
 
 
 def _signature(kernel, pointer_type, constexprs, memory_type="*fp32"):
@@ -1001,9 +1017,9 @@ def _streaming_configs(dtype, pointer_type, head_dim, blocks, only_key_value=Fal
     tile = {"D": head_dim, "BLOCK_N": blocks.block_n, "UPCAST": False}
     for kernel, unit_strides in (
         (_context_partial_kernel, ("stride_kn", "stride_vn")),
-        (_output_kernel, ("stride_qn",)),
-        (_query_grad_kernel, ("stride_qn", "stride_on")),
-        (_key_value_grad_kernel, ("stride_kn", "stride_vn", "stride_dmm")),
+        (_output_kernel, ("stride_qn", "stride_outn")),
+        (_query_grad_kernel, ("stride_qn", "stride_on", "stride_dqn")),
+        (_key_value_grad_kernel, ("stride_kn", "stride_vn", "stride_dkn", "stride_dmm")),
     ):
         if only_key_value and kernel is not _key_value_grad_kernel:
             continue

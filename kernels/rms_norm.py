@@ -34,6 +34,8 @@ from fastunet.kernels.scale_shift_act import (
     compile_signature,
     empty_output,
     gradient_or_empty,
+    gradient_rows,
+    gradient_tile_pointers,
     halves_of_one,
     in_memory_format,
     kernel_memory_format,
@@ -139,11 +141,12 @@ def _rms_norm_forward_kernel(
 
 @triton.jit
 def _rms_norm_backward_kernel(
-    grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, all contiguous in the layout CHANNELS_LAST says
+    grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, in the layout CHANNELS_LAST says (strides below)
     g_ptr,  # (C,) raw bytes of any float dtype, unit stride
     scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     partial_du_xhat_ptr, partial_du_ptr,  # (B, pixel_blocks, C) fp32 outputs: sums over this program's pixels
-    batch_stride, line_stride,  # of grad_y, x and grad_x
+    batch_stride, line_stride,  # of x and grad_x
+    grad_batch_stride, grad_line_stride,  # of grad_y (a channel slice of a larger tensor keeps its own: gradient_rows)
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
     channels, pixels, pixel_blocks,
     eps, sqrt_channels,
@@ -174,8 +177,9 @@ def _rms_norm_backward_kernel(
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
         x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                     eviction_policy="evict_last").to(tl.float32)
-        grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                         eviction_policy="evict_last").to(tl.float32)
+        grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
+                                               grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN)
+        grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         v = x * rinv[None, :]
         du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
         dot += tl.sum(du * coefficient[:, None] * v, 0)
@@ -196,8 +200,9 @@ def _rms_norm_backward_kernel(
             offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
             x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            grad_y = tl.load(tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                             eviction_policy="evict_first").to(tl.float32)
+            grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
+                                                   grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN)
+            grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             v = x * rinv[None, :]
             du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
             grad_x = rinv[None, :] * (du * coefficient[:, None] - v * dot[None, :])
@@ -254,15 +259,17 @@ def plan_rms_norm(channels, pixels, channels_last, aligned):
                                  -FORWARD_TILES[name].channels))
 
 
-def _prepare_launch(tile_name, tensors, backward):
+def _prepare_launch(tile_name, tensors, backward, strides=()):
+    """(grid, pixel blocks, launch metadata) for (B, C, H, W) tensors of one layout (x first; `strides`: a
+    gradient's own, see gradient_rows), with the tile `tile_name` or the planner's."""
     x = tensors[0]
     batch, channels, height, width = x.shape
     channels_last = kernel_memory_format(x) == torch.channels_last
     run = channels if channels_last else height * width
     if tile_name is None:
-        tile_name = plan_rms_norm(channels, height * width, channels_last, vector_aligned(tensors, run))
+        tile_name = plan_rms_norm(channels, height * width, channels_last, vector_aligned(tensors, run, strides))
     tile = tile_for(tile_name, backward, x.element_size())
-    if tile.align > 1 and not vector_aligned(tensors, run):
+    if tile.align > 1 and not vector_aligned(tensors, run, strides):
         raise ValueError(f"rms_norm_act: tile {tile_name!r} needs vector-aligned inputs")
     pixel_blocks = -(-(height * width) // tile.pixels)
     meta = dict(BLOCK_CHANNELS=tile.channels, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
@@ -313,10 +320,10 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
     need_x, need_g, need_scale, need_shift, need_scale_shift = needs
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
-    grad_y = in_memory_format(grad_y, memory_format)
+    grad_y, *grad_strides = gradient_rows(grad_y, memory_format)
     grad_x = empty_output(x) if need_x else None
     grid, pixel_blocks, meta = _prepare_launch(tile, (x, grad_y) if grad_x is None else (x, grad_y, grad_x),
-                                               backward=True)
+                                               backward=True, strides=grad_strides)
     g = _contiguous_parameter(g)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels, height, width = x.shape
@@ -325,7 +332,7 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale_half, shift_half))
     _rms_norm_backward_kernel[grid](
         grad_y, x, x if grad_x is None else grad_x, *parameter_pointers, partial_du_xhat, partial_du,
-        *row_strides(x.shape, memory_format), *scale_shift_strides,
+        *row_strides(x.shape, memory_format), *grad_strides, *scale_shift_strides,
         channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5, dtype_codes,
         *runtime_flags(scale_half is not None, shift_half is not None, silu, need_x), **meta)
     # g plays weight (its sums carry the sqrt(C) factor already); there is no bias.

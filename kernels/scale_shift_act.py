@@ -126,6 +126,19 @@ def tile_pointers(base_ptr, offsets, CHANNELS_LAST: tl.constexpr, ALIGN: tl.cons
 
 
 @triton.jit
+def gradient_tile_pointers(grad_ptr, offsets, batch, pixel, batch_stride, line_stride, grad_batch_stride,
+                           grad_line_stride, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointers of a tile of the gradient of y whose `offsets` (tile_offsets) were computed with x's strides, for
+    a gradient with strides of its own (gradient_rows): moved by a per-batch shift (batch: an int scalar) and, in
+    channels_last, a per-pixel one (`pixel`: the tile's (pixels,) vector). In NCHW the move is one scalar add per
+    tile: a second set of element offsets cost the small-maps backward tile 16 bytes of spills on sm_80."""
+    grad_ptr += batch.to(tl.int64) * (grad_batch_stride - batch_stride)
+    if CHANNELS_LAST:
+        offsets += (pixel.to(tl.int64) * (grad_line_stride - line_stride))[None, :]
+    return tile_pointers(grad_ptr, offsets, CHANNELS_LAST, ALIGN)
+
+
+@triton.jit
 def activation(u, silu):
     """The epilogue's activation of the pre-activation u = z * (scale + 1) + shift (fp32): SiLU or identity."""
     if silu:
@@ -235,11 +248,37 @@ def row_strides(shape, memory_format):
     return channels * height * width, line_stride
 
 
-def vector_aligned(tensors, contiguous_run):
+def vector_aligned(tensors, contiguous_run, strides=()):
     """Whether ALIGN=8 holds: every tensor's data is 16-byte aligned and the contiguous axis is cut in runs of a
     multiple of 8 elements (`contiguous_run`: H*W for NCHW, the channels a program reads per pixel for
-    channels_last)."""
-    return contiguous_run % VECTOR_ELEMENTS == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+    channels_last), and so are `strides` (a gradient's own, see gradient_rows)."""
+    return (contiguous_run % VECTOR_ELEMENTS == 0 and all(s % VECTOR_ELEMENTS == 0 for s in strides)
+            and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def gradient_rows(grad, memory_format):
+    """(grad, batch_stride, line_stride): the gradient of a norm's output as the backward kernels read it, with
+    strides of its own (for tile_offsets).
+
+    grad itself when its elements lie as rows of `memory_format` do, only with a batch stride and (channels_last)
+    a pixel stride of its own: a channel slice of a larger tensor, as the gradient the skip `cat` of the Unet's up
+    path hands each down-path block's output, which a copy would read and write whole once more. Any other layout
+    is copied to `memory_format`."""
+    batch, channels, height, width = grad.shape
+    batch_stride, channel_stride, height_stride, width_stride = grad.stride()
+    if memory_format == torch.channels_last:
+        line = width_stride if width > 1 else (height_stride if height > 1 else channels)
+        rows = ((channels == 1 or channel_stride == 1) and line >= channels
+                and (height == 1 or height_stride == width * line))
+    else:
+        line = height * width
+        rows = ((width == 1 or width_stride == 1) and (height == 1 or height_stride == width)
+                and (channels == 1 or channel_stride == line))
+    if rows and (batch == 1 or batch_stride >= 0):
+        # With one image the batch stride multiplies nothing: the layout's own, so that it matches x's.
+        return grad, batch_stride if batch > 1 else row_strides(grad.shape, memory_format)[0], line
+    grad = in_memory_format(grad, memory_format)
+    return (grad, *row_strides(grad.shape, memory_format))
 
 
 def empty_output(x, dtype=None):
@@ -413,8 +452,8 @@ def divisibility_attrs(kernel, signature, divisible_ints):
 
 # What a launch in the Unet's layout specializes (C a multiple of 16, H*W too from 4x4 maps up, scale/shift the
 # unit-stride halves of a (B, 2C) tensor): these integers are multiples of 16 (tt.divisibility) ...
-UNET_DIVISIBLE_INTS = ("batch_stride", "line_stride", "scale_batch_stride", "shift_batch_stride", "channels",
-                       "pixels")
+UNET_DIVISIBLE_INTS = ("batch_stride", "line_stride", "grad_batch_stride", "grad_line_stride", "scale_batch_stride",
+                       "shift_batch_stride", "channels", "pixels")
 # ... and these equal 1, which Triton turns into constants.
 UNET_UNIT_STRIDES = ("scale_channel_stride", "shift_channel_stride")
 

@@ -57,11 +57,7 @@ def test_forward_makes_no_layout_copy(block_norm, device):
     assert not copies, f"layout copies in a channels_last forward: {dict(copies)}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known, in the kernels' backward (not in the modules): group_norm_act's backward makes its gradient contiguous "
-    "(3 copies, also for NCHW), and the attention kernels return mem_kv's gradient contiguous while "
-    "model.to(channels_last) made the 4-D mem_kv parameters channels_last, so AccumulateGrad copies it (4)"))
-@pytest.mark.parametrize("block_norm", ["group"])
+@pytest.mark.parametrize("block_norm", ["group", "rms"])
 def test_training_step_makes_no_layout_copy(block_norm, device):
     model, x, time = channels_last_model(block_norm, device)
 
@@ -71,3 +67,39 @@ def test_training_step_makes_no_layout_copy(block_norm, device):
 
     copies = layout_copies(step)
     assert not copies, f"layout copies in a channels_last forward+backward: {dict(copies)}"
+
+
+def test_convolutions_see_channels_last(device):
+    """The copies a layout mismatch costs inside a convolution (cuDNN converts its input or output gradient to the
+    weight's layout) are not outermost ops: count them at the convolutions instead. Every convolution's input is
+    channels_last (the attention layers' fused ops hand to_out its input in the model's layout, and each
+    Downsample's pixel-unshuffle writes it), and so is the output gradient the attention ops hand to_qkv. (Left
+    out: the final conv's gradient comes from the user's loss; the gradients the skip cat hands back are channel
+    slices, channels_last rows with their own strides, which the fused norms read in place.)"""
+    model, x, time = channels_last_model("group", device)
+    wrong = []
+
+    def check(name, what, tensor):
+        if not tensor.is_contiguous(memory_format=torch.channels_last):
+            wrong.append(f"{name} {what} {tuple(tensor.stride())}")
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, inputs, out, name=name: check(name, "input", inputs[0]))
+        if isinstance(module, (fastunet.Attention, fastunet.LinearAttention)):
+            module.to_qkv.register_full_backward_hook(
+                lambda m, grad_in, grad_out, name=name: check(name, "to_qkv output gradient", grad_out[0]))
+    with fastunet.use_backend("triton"):
+        model(x, time).square().mean().backward()
+    assert not wrong, f"not channels_last: {wrong}"
+
+
+def test_pixel_unshuffle_keeps_channels_last():
+    """Downsample's rearrangement gives einops' values, in the input's layout."""
+    from einops import rearrange
+
+    x = torch.randn(2, 6, 8, 4).to(memory_format=torch.channels_last)
+    out = fastunet.layers.Rearrange(p1=2, p2=2)(x)
+    assert torch.equal(out, rearrange(x.contiguous(), "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert fastunet.layers.Rearrange(p1=2, p2=2)(x.contiguous()).is_contiguous()

@@ -6,6 +6,7 @@ persistent programs) are forced through explicit plans. The GPU build of every c
 ahead-of-time compile test at the end.
 """
 
+import dataclasses
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from fastunet import reference
 from fastunet.kernels import group_norm as gn
+from fastunet.kernels import scale_shift_act
 from gpu_compile import assert_every_config_compiles_cleanly
 from tolerances import assert_close, assert_sum_close
 
@@ -175,6 +177,56 @@ def test_strided_inputs_are_copied_correctly(device):
     reference.group_norm_act(x_ref, weight, bias, 4, scale, shift, True).sum().backward()
     assert_close(x.grad, x_ref.grad, what="dx from an expanded grad_y")
 
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, groups, dtype, half", [((2, 16, 8, 8), 4, torch.bfloat16, 0),
+                                                        ((2, 12, 5, 7), 3, torch.float32, 1)], ids=str)
+def test_gradient_slice_of_a_wider_tensor_is_read_in_place(shape, groups, dtype, half, channels_last, device,
+                                                          monkeypatch):
+    """The skip cat of the Unet's up path hands each down-path block's output a channel slice of the cat's
+    gradient: rows of the layout with a batch (and, channels_last, pixel) stride of their own. The backward reads
+    it through those strides (no copy: any call of the copying helper fails the test) and matches the reference.
+    Aligned bf16 (vector tiles) and unaligned fp32 (scalar tiles), either half of the wider tensor."""
+    x, weight, bias, scale, shift = make_inputs(shape, groups, dtype, device, channels_last)
+    batch, channels, height, width = shape
+    wide = torch.randn(batch, 2 * channels, height, width, generator=torch.Generator().manual_seed(3)).to(device,
+                                                                                                          dtype)
+    wide = wide.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad_y = wide[:, half * channels:(half + 1) * channels]
+    _, grads_ref, _ = run(reference.group_norm_act, x, weight, bias, groups, scale, shift, True, grad_y)
+
+    def no_copy(t, memory_format):
+        raise AssertionError(f"the gradient of strides {t.stride()} was copied")
+
+    monkeypatch.setattr(scale_shift_act, "in_memory_format", no_copy)
+    _, grads, _ = run(gn.group_norm_act, x, weight, bias, groups, scale, shift, True, grad_y)
+    assert_close(grads[0], grads_ref[0], what="dx")
+    for name, grad, grad_ref, summed in zip(("d_weight", "d_bias", "d_scale", "d_shift"), grads[1:], grads_ref[1:],
+                                            (batch * height * width,) * 2 + (height * width,) * 2):
+        assert_sum_close(grad, grad_ref, summed, name)
+
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gradient_slice_on_the_big_tile(channels_last, device, monkeypatch):
+    """A plan on the "big" tile (16 warps) with a gradient of its own strides runs on the "rows" tile (the big one
+    would spill registers there, see kernels/group_norm.py): same results."""
+    shape, groups = (2, 16, 24, 24), 2  # 8 channels a group: a pack of whole 16-byte vectors in channels_last
+    x, weight, bias, scale, shift = make_inputs(shape, groups, torch.float32, device, channels_last)
+    wide = torch.randn(2, 32, 24, 24, generator=torch.Generator().manual_seed(3)).to(device)
+    grad_y = wide.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)[:, 16:]
+    plan = gn.GroupNormPlan("big", 1, 1, 2)
+    swapped = []
+    monkeypatch.setattr(gn, "replace", lambda p, **changes: swapped.append(changes) or dataclasses.replace(p, **changes))
+
+    def forced(x, weight, bias, groups, scale, shift, silu, eps):
+        return _ForcedPlan.apply(x, weight, bias, groups, scale, shift, silu, eps, plan)
+
+    _, grads_ref, _ = run(reference.group_norm_act, x, weight, bias, groups, scale, shift, True, grad_y)
+    _, grads, _ = run(forced, x, weight, bias, groups, scale, shift, True, grad_y)
+    assert_close(grads[0], grads_ref[0], what="dx")
+    assert_sum_close(grads[1], grads_ref[1], 2 * 24 * 24, "d_weight")
+    assert {"tile": "rows"} in swapped, "the backward did not leave the big tile"
 
 # Forced plans: (shape, groups, channels_last, plan) for the paths big shapes take on a GPU.
 FORCED = [

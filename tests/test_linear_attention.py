@@ -325,8 +325,11 @@ def test_packed(channels_last, dtype, mem, device):
     out, (dqkv, dmem_kv) = _run(lambda *t: packed_linear_attention(*t, heads, num_splits=2), [qkv, mem_kv], grad)
     expected_out, (expected_dqkv, expected_dmem) = _run(lambda *t: reference_packed(*t, heads),
                                                         [qkv.float(), mem_kv], grad.float())
-    assert out.shape == grad.shape and out.dtype == dtype and out.is_contiguous()
-    assert dqkv.shape == qkv.shape and dqkv.dtype == dtype and dmem_kv.shape == mem_kv.shape
+    assert out.shape == grad.shape and out.dtype == dtype and dqkv.shape == qkv.shape and dqkv.dtype == dtype
+    # In qkv's layout (a channels_last model's convolutions then take them without a copy).
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout) and dqkv.is_contiguous(memory_format=layout)
+    assert dmem_kv.shape == mem_kv.shape and dmem_kv.stride() == mem_kv.stride()
     assert dmem_kv.dtype == torch.float32
     tol = FORWARD_TOL[dtype]
     assert_close(out.float(), expected_out, atol=tol * expected_out.abs().max().item(), rtol=tol, what="out")

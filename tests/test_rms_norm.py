@@ -12,6 +12,7 @@ import torch
 
 from fastunet import reference
 from fastunet.kernels import rms_norm as rn
+from fastunet.kernels import scale_shift_act
 from gpu_compile import assert_every_config_compiles_cleanly
 from tolerances import assert_close, assert_sum_close
 
@@ -159,6 +160,31 @@ def test_strided_inputs_are_copied_correctly(device):
     x_ref = base.detach().clone().requires_grad_()
     reference.rms_norm_act(x_ref, g, scale, shift, True).sum().backward()
     assert_close(x.grad, x_ref.grad, what="dx from an expanded grad_y")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, dtype, half", [((2, 16, 8, 8), torch.bfloat16, 0), ((2, 12, 5, 7), torch.float32, 1)],
+                         ids=str)
+def test_gradient_slice_of_a_wider_tensor_is_read_in_place(shape, dtype, half, channels_last, device, monkeypatch):
+    """As tests/test_group_norm.py's: a channel slice of a wider gradient (the Unet's skip cat) is read in place
+    through its own strides, with vector tiles (aligned bf16) and scalar ones (unaligned fp32)."""
+    x, g, scale, shift = make_inputs(shape, dtype, device, channels_last)
+    batch, channels, height, width = shape
+    wide = torch.randn(batch, 2 * channels, height, width, generator=torch.Generator().manual_seed(3)).to(device,
+                                                                                                          dtype)
+    wide = wide.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    grad_y = wide[:, half * channels:(half + 1) * channels]
+    _, grads_ref, _ = run(reference.rms_norm_act, x, g, scale, shift, True, grad_y)
+
+    def no_copy(t, memory_format):
+        raise AssertionError(f"the gradient of strides {t.stride()} was copied")
+
+    monkeypatch.setattr(scale_shift_act, "in_memory_format", no_copy)
+    _, grads, _ = run(rn.rms_norm_act, x, g, scale, shift, True, grad_y)
+    assert_close(grads[0], grads_ref[0], what="dx")
+    for name, grad, grad_ref, summed in zip(("dg", "d_scale", "d_shift"), grads[1:], grads_ref[1:],
+                                            (batch * height * width, height * width, height * width)):
+        assert_sum_close(grad, grad_ref, summed, name)
 
 
 @pytest.mark.parametrize("requires_grad", ["x", "g", "shift"])

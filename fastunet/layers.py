@@ -18,31 +18,34 @@ def Upsample(dim, dim_out=None):
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out or dim, 3, padding=1))
 
 
-class Rearrange(einops.layers.torch.Rearrange):
-    """Downsample's pixel-unshuffle, `b c (h p1) (w p2) -> b (c p1 p2) h w`: einops' Rearrange, the module upstream
-    has there, except that a channels_last input gives a channels_last result from the one copy the rearrangement
-    makes (einops' reshape writes NCHW, which the 1x1 convolution of a channels_last model would convert again)."""
+PIXEL_UNSHUFFLE = "b c (h p1) (w p2) -> b (c p1 p2) h w"
 
-    def __init__(self, p1=2, p2=2):
-        super().__init__("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=p1, p2=p2)
-        self.p1, self.p2 = p1, p2
+
+class Rearrange(einops.layers.torch.Rearrange):
+    """einops' Rearrange, the module upstream's Downsample has (same constructor, state and pickling), except that
+    its pixel-unshuffle PIXEL_UNSHUFFLE gives a channels_last result for a channels_last input, from the one copy
+    the rearrangement makes (einops' reshape writes NCHW, which the 1x1 convolution of a channels_last model would
+    convert again)."""
 
     def forward(self, x):
-        """(B, C, H, W) -> (B, C * p1 * p2, H / p1, W / p2), channel c * p1 * p2 + i * p2 + j from pixel (i, j)."""
+        """PIXEL_UNSHUFFLE: (B, C, H, W) -> (B, C * p1 * p2, H / p1, W / p2), channel c * p1 * p2 + i * p2 + j from
+        pixel (i, j); any other pattern as einops."""
         channels_last = x.dim() == 4 and x.stride(1) == 1 and not x.is_contiguous()
-        if not channels_last or x.shape[2] % self.p1 or x.shape[3] % self.p2:
+        if self.pattern != PIXEL_UNSHUFFLE or not channels_last:
             return super().forward(x)
+        p1, p2 = self.axes_lengths["p1"], self.axes_lengths["p2"]
         batch, channels, height, width = x.shape
+        if height % p1 or width % p2:
+            return super().forward(x)  # einops' error
         # In memory (B, H/p1, p1, W/p2, p2, C); copied to (B, H/p1, W/p2, C, p1, p2), channels_last of the result.
-        pixels = x.permute(0, 2, 3, 1).unflatten(2, (width // self.p2, self.p2))
-        pixels = pixels.unflatten(1, (height // self.p1, self.p1))
-        unshuffled = pixels.permute(0, 1, 3, 5, 2, 4).reshape(batch, height // self.p1, width // self.p2, -1)
+        pixels = x.permute(0, 2, 3, 1).unflatten(2, (width // p2, p2)).unflatten(1, (height // p1, p1))
+        unshuffled = pixels.permute(0, 1, 3, 5, 2, 4).reshape(batch, height // p1, width // p2, -1)
         return unshuffled.permute(0, 3, 1, 2)
 
 
 def Downsample(dim, dim_out=None):
     """Pixel-unshuffle by 2 then a 1x1 conv: (B, dim, H, W) -> (B, dim_out, H/2, W/2)."""
-    return nn.Sequential(Rearrange(p1=2, p2=2), nn.Conv2d(dim * 4, dim_out or dim, 1))
+    return nn.Sequential(Rearrange(PIXEL_UNSHUFFLE, p1=2, p2=2), nn.Conv2d(dim * 4, dim_out or dim, 1))
 
 
 class RMSNorm(nn.Module):

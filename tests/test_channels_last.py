@@ -57,26 +57,9 @@ def test_forward_makes_no_layout_copy(block_norm, device):
     assert not copies, f"layout copies in a channels_last forward: {dict(copies)}"
 
 
-@pytest.mark.parametrize("block_norm", ["group", "rms"])
-def test_training_step_makes_no_layout_copy(block_norm, device):
-    model, x, time = channels_last_model(block_norm, device)
-
-    def step():
-        with fastunet.use_backend("triton"):
-            model(x, time).square().mean().backward()
-
-    copies = layout_copies(step)
-    assert not copies, f"layout copies in a channels_last forward+backward: {dict(copies)}"
-
-
-def test_convolutions_see_channels_last(device):
-    """The copies a layout mismatch costs inside a convolution (cuDNN converts its input or output gradient to the
-    weight's layout) are not outermost ops: count them at the convolutions instead. Every convolution's input is
-    channels_last (the attention layers' fused ops hand to_out its input in the model's layout, and each
-    Downsample's pixel-unshuffle writes it), and so is the output gradient the attention ops hand to_qkv. (Left
-    out: the final conv's gradient comes from the user's loss; the gradients the skip cat hands back are channel
-    slices, channels_last rows with their own strides, which the fused norms read in place.)"""
-    model, x, time = channels_last_model("group", device)
+def layout_mismatches_at_convolutions(model):
+    """A list that fills, as the model runs, with every convolution input and every to_qkv output gradient that is
+    not channels_last (hooks on the model)."""
     wrong = []
 
     def check(name, what, tensor):
@@ -89,17 +72,45 @@ def test_convolutions_see_channels_last(device):
         if isinstance(module, (fastunet.Attention, fastunet.LinearAttention)):
             module.to_qkv.register_full_backward_hook(
                 lambda m, grad_in, grad_out, name=name: check(name, "to_qkv output gradient", grad_out[0]))
-    with fastunet.use_backend("triton"):
-        model(x, time).square().mean().backward()
-    assert not wrong, f"not channels_last: {wrong}"
+    return wrong
+
+
+@pytest.mark.parametrize("block_norm", ["group", "rms"])
+def test_training_step_makes_no_layout_copy(block_norm, device):
+    """No outermost layout copy in a channels_last forward+backward, and none hidden in the convolutions either:
+    the copies a layout mismatch costs there (cuDNN converts its input or output gradient to the weight's layout)
+    are not outermost ops, so they are checked at the convolutions. Every convolution's input is channels_last
+    (the attention layers' fused ops hand to_out its input in the model's layout, and each Downsample's
+    pixel-unshuffle writes it), and so is the output gradient the attention ops hand to_qkv. (Left out: the final
+    conv's gradient comes from the user's loss; the gradients the skip cat hands back are channel slices,
+    channels_last rows with their own strides, which the fused norms read in place.)"""
+    model, x, time = channels_last_model(block_norm, device)
+    mismatches = layout_mismatches_at_convolutions(model)
+
+    def step():
+        with fastunet.use_backend("triton"):
+            model(x, time).square().mean().backward()
+
+    copies = layout_copies(step)
+    assert not copies, f"layout copies in a channels_last forward+backward: {dict(copies)}"
+    assert not mismatches, f"not channels_last: {mismatches}"
 
 
 def test_pixel_unshuffle_keeps_channels_last():
-    """Downsample's rearrangement gives einops' values, in the input's layout."""
+    """Downsample's rearrangement gives einops' values, in the input's layout, and copies and pickles as einops'
+    module does (deepcopy, EMA and checkpoints go through its constructor)."""
+    import copy
+    import pickle
+
     from einops import rearrange
 
+    from fastunet.layers import PIXEL_UNSHUFFLE, Rearrange
+
     x = torch.randn(2, 6, 8, 4).to(memory_format=torch.channels_last)
-    out = fastunet.layers.Rearrange(p1=2, p2=2)(x)
-    assert torch.equal(out, rearrange(x.contiguous(), "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2))
+    module = Rearrange(PIXEL_UNSHUFFLE, p1=2, p2=2)
+    out = module(x)
+    assert torch.equal(out, rearrange(x.contiguous(), PIXEL_UNSHUFFLE, p1=2, p2=2))
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert fastunet.layers.Rearrange(p1=2, p2=2)(x.contiguous()).is_contiguous()
+    assert module(x.contiguous()).is_contiguous()
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert type(clone) is Rearrange and torch.equal(clone(x), out)

@@ -217,7 +217,8 @@ def test_gradient_slice_on_the_big_tile(channels_last, device, monkeypatch):
     grad_y = wide.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)[:, 16:]
     plan = gn.GroupNormPlan("big", 1, 1, 2)
     swapped = []
-    monkeypatch.setattr(gn, "replace", lambda p, **changes: swapped.append(changes) or dataclasses.replace(p, **changes))
+    monkeypatch.setattr(gn, "replace",
+                        lambda plan, **changes: swapped.append(changes) or dataclasses.replace(plan, **changes))
 
     def forced(x, weight, bias, groups, scale, shift, silu, eps):
         return _ForcedPlan.apply(x, weight, bias, groups, scale, shift, silu, eps, plan)

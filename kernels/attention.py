@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETING
-from .scale_shift_act import kernel_memory_format
+from .scale_shift_act import empty_output
 
 LOG2E = 1.4426950408889634
 # Memory slots go through the kernels in blocks of this many; 16 is the smallest dot dimension the GPU
@@ -869,29 +869,22 @@ def _packed_shapes(qkv, mem_kv, heads):
     return (batch, channels // 3, height, width)
 
 
-def _image_like(qkv, shape):
-    """A fresh (B, C, H, W) tensor of `shape` in qkv's dtype and layout: channels_last when qkv is (the to_qkv
-    output of a channels_last model), so that neither to_out's input nor to_qkv's gradient needs a layout copy
-    in the convolutions; NCHW otherwise. The kernels write through any strides."""
-    return torch.empty(shape, dtype=qkv.dtype, device=qkv.device, memory_format=kernel_memory_format(qkv))
-
-
 @torch.library.custom_op("fastunet::packed_attention_forward", mutates_args=())
 def packed_attention_forward(qkv: torch.Tensor, mem_kv: torch.Tensor, heads: int,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel on the to_qkv output. qkv (B, 3*heads*d, H, W) one float dtype, any strides, d in HEAD_DIMS;
     mem_kv (2, heads, M, d) any float dtype. Returns out (B, heads*d, H, W) in qkv.dtype and layout (to_out's
-    input, see _image_like) and lse (B, heads, H*W) fp32 (see attention_forward)."""
+    input, see empty_output) and lse (B, heads, H*W) fp32 (see attention_forward)."""
     q, k, v = _qkv_views(qkv, heads)
     _check_head_dim("packed_attention_forward", q.shape[-1])
-    out = _image_like(qkv, _packed_shapes(qkv, mem_kv, heads))
+    out = empty_output(qkv, shape=_packed_shapes(qkv, mem_kv, heads))
     return out, _forward(q, k, v, mem_kv[0], mem_kv[1], scale, _image_view(out, heads))
 
 
 @packed_attention_forward.register_fake
 def _packed_attention_forward_fake(qkv, mem_kv, heads, scale):
     batch, _, height, width = qkv.shape
-    return (_image_like(qkv, _packed_shapes(qkv, mem_kv, heads)),
+    return (empty_output(qkv, shape=_packed_shapes(qkv, mem_kv, heads)),
             qkv.new_empty((batch, heads, height * width), dtype=torch.float32))
 
 
@@ -899,12 +892,13 @@ def _packed_attention_forward_fake(qkv, mem_kv, heads, scale):
 def packed_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor,
                               lse: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward kernels on the to_qkv output. grad_out (B, heads*d, H, W) any strides. Returns d qkv
-    (B, 3*heads*d, H, W) in qkv.dtype and layout (_image_like), one tensor (autograd joins nothing), and d mem_kv
+    (B, 3*heads*d, H, W) in qkv.dtype and layout (empty_output), one tensor (autograd joins nothing), and
+    d mem_kv
     (2, heads, M, d) in mem_kv's dtype and strides (after model.to(memory_format=torch.channels_last) the 4-D
     parameter is channels_last, and a gradient of other strides would be copied by autograd's accumulation)."""
     q, k, v = _qkv_views(qkv, heads)
     _check_head_dim("packed_attention_backward", q.shape[-1])
-    dqkv = _image_like(qkv, qkv.shape)
+    dqkv = empty_output(qkv)
     dmem_kv = torch.empty_like(mem_kv)
     dq, dk, dv = _qkv_views(dqkv, heads)
     _backward(_image_view(grad_out, heads), q, k, v, mem_kv[0], mem_kv[1], lse, scale, dq, dk, dv, dmem_kv[0],
@@ -914,7 +908,7 @@ def packed_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, mem_kv:
 
 @packed_attention_backward.register_fake
 def _packed_attention_backward_fake(grad_out, qkv, mem_kv, lse, heads, scale):
-    return _image_like(qkv, qkv.shape), torch.empty_like(mem_kv)
+    return empty_output(qkv), torch.empty_like(mem_kv)
 
 
 def _packed_setup_context(ctx, inputs, output):

@@ -317,11 +317,9 @@ def _group_norm_backward_kernel(
                     offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
                     x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                 eviction_policy="evict_last").to(tl.float32)
-                    grad_pointers = tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN)
-                    if GRAD_STRIDES:
-                        grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
-                                                               line_stride, grad_batch_stride, grad_line_stride,
-                                                               CHANNELS_LAST, ALIGN)
+                    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
+                                                           line_stride, grad_batch_stride, grad_line_stride,
+                                                           CHANNELS_LAST, ALIGN, GRAD_STRIDES)
                     grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
                     du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
                     xhat = (x - mean[:, None]) * rstd[:, None]
@@ -356,11 +354,9 @@ def _group_norm_backward_kernel(
                     offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
                     x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                 eviction_policy="evict_first").to(tl.float32)
-                    grad_pointers = tile_pointers(grad_y_ptr, offsets, CHANNELS_LAST, ALIGN)
-                    if GRAD_STRIDES:
-                        grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
-                                                               line_stride, grad_batch_stride, grad_line_stride,
-                                                               CHANNELS_LAST, ALIGN)
+                    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
+                                                           line_stride, grad_batch_stride, grad_line_stride,
+                                                           CHANNELS_LAST, ALIGN, GRAD_STRIDES)
                     grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                     du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
                     xhat = (x - mean[:, None]) * rstd[:, None]
@@ -517,7 +513,7 @@ def _prepare_launch(plan, tensors, groups, backward, strides=()):
                                num_sms, l2_bytes, backward)
     if backward and strides and plan.tile == "big":
         # Its 16 warps cap ptxas at 128 registers, where the shifts of a gradient's own strides spill 8-24 bytes
-        # (see _backward_max_registers): the same 8-row programs on the "rows" tile instead.
+        # (see _max_registers): the same 8-row programs on the "rows" tile instead.
         plan = replace(plan, tile="rows")
     pack_rows = plan.groups_per_pack * channels_per_group
     tile = tile_for(plan.tile, backward, channels_last, x.element_size())
@@ -535,14 +531,14 @@ def _prepare_launch(plan, tensors, groups, backward, strides=()):
     num_packs = batch * groups // plan.groups_per_pack
     shape_args = (channels, pixels, channels_per_group, groups, num_packs, plan.groups_per_pack, blocks_per_chunk)
     meta = dict(BLOCK_ROWS=tile.rows, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last, ALIGN=tile.align,
-                num_warps=tile.num_warps, maxnreg=tile.max_registers)
+                num_warps=tile.num_warps, maxnreg=_max_registers(tile, bool(strides)))
     if backward:
-        meta.update(GRAD_STRIDES=bool(strides), maxnreg=_backward_max_registers(tile, bool(strides)))
+        meta.update(GRAD_STRIDES=bool(strides))
     return plan, shape_args, meta
 
 
-def _backward_max_registers(tile, grad_strides):
-    """ptxas's register cap of a backward tile. With a gradient of strides of its own (GRAD_STRIDES), the shift of
+def _max_registers(tile, grad_strides):
+    """ptxas's register cap of a tile. With a gradient of strides of its own (GRAD_STRIDES, backward), the shift of
     its pointer pushed the aligned 16-bit tiles past the 128 of Tile.max_registers (12-28 bytes of spills on
     sm_80), and without a cap ptxas limited itself to 64 on sm_90 and spilled 20: 255, which ptxas uses as needed
     (sm_80: 96-128 for NCHW, up to 228 for channels_last), fewer programs per SM on that path only. Its tiles
@@ -765,9 +761,7 @@ def gpu_compile_configs():
                     if grad_strides is not None:
                         constexprs = dict(constexprs, GRAD_STRIDES=grad_strides)
                     signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags)
-                    options = dict(num_warps=tile.num_warps,
-                                   maxnreg=_backward_max_registers(tile, grad_strides) if backward else
-                                   tile.max_registers)
+                    options = dict(num_warps=tile.num_warps, maxnreg=_max_registers(tile, grad_strides))
                     # The Unet's layout (NCHW) with the specialization its launches get; channels_last and odd
                     # shapes without (with it, channels_last backward tiles spilled 12-24 bytes on sm_80/86: not
                     # yet refit).

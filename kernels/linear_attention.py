@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from fastunet.kernels import INTERPRETING
-from fastunet.kernels.scale_shift_act import kernel_memory_format
+from fastunet.kernels.scale_shift_act import empty_output
 
 HEAD_DIMS = (16, 32, 64, 128)
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -666,13 +666,6 @@ def _memory_or_standin(mem, standin):
     return mem if mem.shape[-1] > 0 else standin
 
 
-def _image_like(qkv, shape):
-    """A fresh (B, C, H, W) tensor of `shape` in qkv's dtype and layout: channels_last when qkv is (the to_qkv
-    output of a channels_last model), so that neither to_out's input nor to_qkv's gradient needs a layout copy
-    in the convolutions; NCHW otherwise. The kernels write through any strides."""
-    return torch.empty(shape, dtype=qkv.dtype, device=qkv.device, memory_format=kernel_memory_format(qkv))
-
-
 def _qkv_views(qkv, heads):
     """q, k, v (B, heads, d, N) views of a (B, 3*heads*d, H, W) tensor (a copy only for strides that cannot merge
     H and W)."""
@@ -840,11 +833,11 @@ def packed_linear_attention_forward(
     qkv: torch.Tensor, mem_kv: torch.Tensor, heads: int, num_splits: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, context, lse) on the to_qkv output: qkv (B, 3*heads*d, H, W) any strides, mem_kv (2, heads, d, M) any
-    float dtype; out (B, heads*d, H, W) in qkv.dtype and layout (_image_like), context and lse as
+    float dtype; out (B, heads*d, H, W) in qkv.dtype and layout (empty_output), context and lse as
     linear_attention_forward's."""
     batch, channels, height, width = qkv.shape
     q, k, v = _qkv_views(qkv, heads)
-    out = _image_like(qkv, (batch, channels // 3, height, width))
+    out = empty_output(qkv, shape=(batch, channels // 3, height, width))
     return (out, *_forward(q, k, v, mem_kv[0], mem_kv[1], num_splits, out.flatten(2).unflatten(1, q.shape[1:3])))
 
 
@@ -853,7 +846,7 @@ def _(qkv, mem_kv, heads, num_splits):
     batch, channels, height, width = qkv.shape
     head_dim = channels // (3 * heads)
     return (
-        _image_like(qkv, (batch, channels // 3, height, width)),
+        empty_output(qkv, shape=(batch, channels // 3, height, width)),
         qkv.new_empty((batch, heads, head_dim, head_dim), dtype=torch.float32),
         qkv.new_empty((batch, heads, head_dim), dtype=torch.float32),
     )
@@ -864,13 +857,12 @@ def packed_linear_attention_backward(
     dout: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor, context: torch.Tensor, lse: torch.Tensor,
     heads: int, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d qkv, d mem_kv): d qkv (B, 3*heads*d, H, W) in qkv.dtype and layout (_image_like), one tensor (autograd
-    joins nothing);
-    d mem_kv (2, heads, d, M) in mem_kv's dtype and strides (channels_last after model.to(memory_format=
-    torch.channels_last): other strides would make autograd's accumulation copy it). dout (B, heads*d, H, W) any
-    strides."""
+    """(d qkv, d mem_kv): d qkv (B, 3*heads*d, H, W) in qkv.dtype and layout (empty_output), one tensor (autograd
+    joins nothing); d mem_kv (2, heads, d, M) in mem_kv's dtype and strides (channels_last after
+    model.to(memory_format=torch.channels_last): other strides would make autograd's accumulation copy it).
+    dout (B, heads*d, H, W) any strides."""
     q, k, v = _qkv_views(qkv, heads)
-    dqkv = _image_like(qkv, qkv.shape)
+    dqkv = empty_output(qkv)
     dmem_kv = torch.empty_like(mem_kv)
     dq, dk, dv = _qkv_views(dqkv, heads)
     dout = dout.flatten(2).unflatten(1, q.shape[1:3])
@@ -880,7 +872,7 @@ def packed_linear_attention_backward(
 
 @packed_linear_attention_backward.register_fake
 def _(dout, qkv, mem_kv, context, lse, heads, num_splits):
-    return _image_like(qkv, qkv.shape), torch.empty_like(mem_kv)
+    return empty_output(qkv), torch.empty_like(mem_kv)
 
 
 def _packed_setup_context(ctx, inputs, output):

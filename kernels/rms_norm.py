@@ -178,7 +178,8 @@ def _rms_norm_backward_kernel(
         x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                     eviction_policy="evict_last").to(tl.float32)
         grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
-                                               grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN)
+                                               grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN,
+                                               True)
         grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         v = x * rinv[None, :]
         du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
@@ -201,7 +202,8 @@ def _rms_norm_backward_kernel(
             x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
-                                                   grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN)
+                                                   grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN,
+                                                   True)
             grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             v = x * rinv[None, :]
             du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)

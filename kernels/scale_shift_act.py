@@ -127,14 +127,17 @@ def tile_pointers(base_ptr, offsets, CHANNELS_LAST: tl.constexpr, ALIGN: tl.cons
 
 @triton.jit
 def gradient_tile_pointers(grad_ptr, offsets, batch, pixel, batch_stride, line_stride, grad_batch_stride,
-                           grad_line_stride, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
-    """Pointers of a tile of the gradient of y whose `offsets` (tile_offsets) were computed with x's strides, for
-    a gradient with strides of its own (gradient_rows): moved by a per-batch shift (batch: an int scalar) and, in
-    channels_last, a per-pixel one (`pixel`: the tile's (pixels,) vector). In NCHW the move is one scalar add per
-    tile: a second set of element offsets cost the small-maps backward tile 16 bytes of spills on sm_80."""
-    grad_ptr += batch.to(tl.int64) * (grad_batch_stride - batch_stride)
-    if CHANNELS_LAST:
-        offsets += (pixel.to(tl.int64) * (grad_line_stride - line_stride))[None, :]
+                           grad_line_stride, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                           GRAD_STRIDES: tl.constexpr):
+    """Pointers of a tile of the gradient of y whose `offsets` (tile_offsets) were computed with x's strides.
+    With GRAD_STRIDES, for a gradient with strides of its own (gradient_rows): moved by a per-batch shift (batch:
+    an int scalar) and, in channels_last, a per-pixel one (`pixel`: the tile's (pixels,) vector). In NCHW the move
+    is one scalar add per tile: a second set of element offsets cost the small-maps backward tile 16 bytes of
+    spills on sm_80. Without, x's pointers (tile_pointers)."""
+    if GRAD_STRIDES:
+        grad_ptr += batch.to(tl.int64) * (grad_batch_stride - batch_stride)
+        if CHANNELS_LAST:
+            offsets += (pixel.to(tl.int64) * (grad_line_stride - line_stride))[None, :]
     return tile_pointers(grad_ptr, offsets, CHANNELS_LAST, ALIGN)
 
 
@@ -281,9 +284,12 @@ def gradient_rows(grad, memory_format):
     return (grad, *row_strides(grad.shape, memory_format))
 
 
-def empty_output(x, dtype=None):
-    """A fresh tensor of x's shape (B, C, H, W) in kernel_memory_format(x)."""
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=kernel_memory_format(x))
+def empty_output(x, dtype=None, shape=None):
+    """A fresh (B, C, H, W) tensor of x's shape (or `shape`) in kernel_memory_format(x): channels_last for a
+    channels_last x, so that the convolutions of a channels_last model take the kernels' outputs without a layout
+    copy; NCHW otherwise."""
+    return torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device=x.device,
+                       memory_format=kernel_memory_format(x))
 
 
 # Runtime dtype codes of the parameters (load_as_fp32, store_from_fp32).

@@ -11,11 +11,16 @@ measured on a GPU. For each kernel launch, at the Unet's shapes, on the report's
   move a whole tile per thread and that do an fp32 operation per element (the loops over the data, as opposed to
   loops over groups or chunk statistics),
   counted statically (a predicated-off instruction still issues) and divided by the elements one thread handles
-  per iteration; with the special-function (MUFU), shuffle (SHFL) and barrier (BAR) instructions among them;
+  per iteration; with the special-function (MUFU), shuffle (SHFL) and barrier (BAR) instructions among them.
+  They are counted in a second compile of the launch with its runtime on/off flags (bool arguments: has_residual,
+  silu, ...) made constants, so that the code a flag that is off jumps over is not counted; registers, shared
+  memory and spills are those of the kernel that runs, with the flags as arguments;
 - bytes moved (the section's L2 model) vs the minimum (each input read once, each output written once);
 - issue floor vs HBM floor: warp instructions of the tile loops / (SMs x 4 schedulers x clock), against minimum
   bytes / HBM bandwidth. An issue floor above ~0.6x the HBM floor means the kernel cannot reach its bandwidth
-  target (shared/performance.md).
+  target;
+- SFU floor: the tile loops' special-function operations (MUFU: exp2, reciprocal, ...) at the SM's 16 per clock
+  (sm_80 to sm_90), a pipe of its own beside the issue slots: a loop needs at least the larger of the two.
 
 A launch is compiled exactly as a real launch would compile it: `capture_launches` runs the op's own launcher on
 CPU tensors (torch.empty, never touched) with JITFunction.run intercepted, and `compile_launch` specializes the
@@ -73,6 +78,7 @@ class Device:
     clock_ghz: float  # boost clock, for the issue floor
     hbm_bytes_per_s: float
     registers_per_sm: int = 65536
+    special_functions_per_sm_per_clock: int = 16  # MUFU results per SM per clock (CUDA guide, cc 8.0-9.0)
     max_threads_per_sm: int = 2048
     max_blocks_per_sm: int = 32
     shared_memory_per_sm: int = 233472
@@ -153,23 +159,30 @@ class Compiled:
     constants: dict  # argument name -> value, constexprs and specialized ints
 
 
-def specialization(launch, arch):
+def specialization(launch, arch, fold_flags=False):
     """(signature, constexprs, attrs, options) of `launch` on sm_`arch`, from Triton's own binder: exactly what a
-    real launch with these argument values compiles."""
+    real launch with these argument values compiles. fold_flags: the bool arguments (runtime flags) become
+    constants of their launch values, so that the code they switch off is compiled out (for counting)."""
     backend = make_backend(GPUTarget("cuda", arch, 32))
     kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, spec, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound, spec, options)
+    if fold_flags:
+        signature, constexprs = dict(signature), dict(constexprs)
+        for index, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
+            if isinstance(value, bool) and signature.get(name) != "constexpr":
+                signature[name], constexprs[(index,)] = "constexpr", value
     return signature, constexprs, attrs, options
 
 
 _COMPILED = {}
 
 
-def compile_launch(launch, arch):
-    """Compile `launch` for sm_`arch` as a GPU launch would, and read its registers, spills and SASS (cached)."""
-    signature, constexprs, attrs, options = specialization(launch, arch)
+def compile_launch(launch, arch, fold_flags=False):
+    """Compile `launch` for sm_`arch` as a GPU launch would, and read its registers, spills and SASS (cached).
+    fold_flags: with its runtime flags as constants (specialization), for counting the instructions that run."""
+    signature, constexprs, attrs, options = specialization(launch, arch, fold_flags)
     key = (launch.kernel.fn, arch, json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
            repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
     if key not in _COMPILED:
@@ -273,6 +286,7 @@ class Row:
     bytes_moved: float
     bytes_minimum: float
     issue_us: float
+    sfu_us: float
     hbm_us: float
     device: Device
 
@@ -282,12 +296,12 @@ class Row:
         special = " + ".join(f"{m:.2f}/{s:.2f}/{b:.3f}" for m, s, b in self.loop_special) or "-"
         return [self.label, self.kernel, f"{self.programs}", f"{self.resident}", f"{waves:.2f}",
                 f"{self.registers}", f"{self.shared}", f"{self.spills}", per_loop, special,
-                f"{self.bytes_moved / self.bytes_minimum:.2f}", f"{self.issue_us:.1f}", f"{self.hbm_us:.1f}",
-                f"{self.issue_us / self.hbm_us:.2f}"]
+                f"{self.bytes_moved / self.bytes_minimum:.2f}", f"{self.issue_us:.1f}", f"{self.sfu_us:.1f}",
+                f"{self.hbm_us:.1f}", f"{self.issue_us / self.hbm_us:.2f}", f"{self.sfu_us / self.hbm_us:.2f}"]
 
 
 HEADER = ["launch", "kernel", "grid", "per SM", "waves", "regs", "smem", "spill", "instr/elem per tile loop",
-          "MUFU/SHFL/BAR per elem", "bytes/min", "issue us", "HBM us", "issue/HBM"]
+          "MUFU/SHFL/BAR per elem", "bytes/min", "issue us", "SFU us", "HBM us", "issue/HBM", "SFU/HBM"]
 
 
 @dataclasses.dataclass
@@ -320,9 +334,10 @@ def kernel_row(label, launch, device, *, tile_elements, elements, element_size, 
     loops this launch runs (default all; a kernel whose runtime mode skips some, e.g. a split path's launches).
     """
     compiled = compile_launch(launch, device.arch)
+    counted = compile_launch(launch, device.arch, fold_flags=True)
     threads = compiled.num_warps * 32
     elements_per_thread = tile_elements / threads
-    loops = tile_loops(compiled.sass, elements_per_thread, element_size)
+    loops = tile_loops(counted.sass, elements_per_thread, element_size)
     if loops_run is not None:
         loops = [loops[index] for index in loops_run]
     per_element = [len(loop.instructions) / elements_per_thread for loop in loops]
@@ -330,10 +345,12 @@ def kernel_row(label, launch, device, *, tile_elements, elements, element_size, 
     # Warp instructions: each thread's per-element count, over 32 lanes of a warp.
     warp_instructions = sum(per_element) * elements / 32
     issue_us = warp_instructions / (device.num_sms * device.schedulers_per_sm * device.clock_ghz * 1e9) * 1e6
+    special_ops = sum(mufu for mufu, _, _ in special) * elements
+    sfu_us = special_ops / (device.num_sms * device.special_functions_per_sm_per_clock * device.clock_ghz * 1e9) * 1e6
     hbm_us = bytes_minimum / device.hbm_bytes_per_s * 1e6
     return Row(label, compiled.name.strip("_"), programs or launch.programs, resident_programs(compiled, device),
                compiled.registers, compiled.shared, compiled.spills, per_element, special, bytes_moved, bytes_minimum,
-               issue_us, hbm_us, device)
+               issue_us, sfu_us, hbm_us, device)
 
 
 def format_section(section):
@@ -361,7 +378,8 @@ def main(argv=None, device: Optional[Device] = None):
           f"{device.schedulers_per_sm} schedulers, HBM {device.hbm_bytes_per_s / 1e12:.2f} TB/s; triton "
           f"{triton.__version__}.")
     print("instr/elem: SASS instructions of each tile loop's body per element one thread handles in an iteration; "
-          "issue us: the tile loops' warp instructions / (SMs x schedulers x clock); HBM us: minimum bytes / HBM "
+          "issue us: the tile loops' warp instructions / (SMs x schedulers x clock); SFU us: their MUFU operations / "
+          f"(SMs x {device.special_functions_per_sm_per_clock} per clock x clock); HBM us: minimum bytes / HBM "
           "bandwidth; bytes/min: the section's L2 model of HBM traffic over the minimum.")
     for module in section_modules(argv):
         for section in module.sections(device):

@@ -5,9 +5,9 @@ Computes `act(group_norm(x) * (scale + 1) + shift)` exactly as fastunet.referenc
 Design. x (B, C, H, W) is read as B*C rows of H*W pixels (kernels/scale_shift_act.py: NCHW and channels_last in
 place). A program owns a *pack*: `groups_per_pack` consecutive groups of one batch (their rows are consecutive
 channels), and walks it in [BLOCK_ROWS, BLOCK_PIXELS] tiles:
-- phase A: per-row mean and M2 over the pixels (two passes inside each tile, Chan's combine across tiles), then
-  per-group statistics from the rows of the pack (Chan again, lanes of one group reduced in the same order, so
-  every row of a group holds bitwise-equal statistics);
+- phase A: per-row mean and M2 over the pixels, kept per lane across the tiles (Welford/Chan on 16-byte runs,
+  _row_statistics) and reduced once per row block, then per-group statistics from the rows of the pack (Chan
+  again, lanes of one group reduced in the same order, so every row of a group holds bitwise-equal statistics);
 - phase B: `y = act(x * alpha + beta)` with per-row alpha = rstd * weight * (1 + scale) and
   beta = (bias - mean * rstd * weight) * (1 + scale) + shift, walking the tiles in reverse order so that the
   most recently read ones, still in L2, come first (phase A reads with evict_last, phase B with evict_first).
@@ -79,6 +79,65 @@ def _chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     fraction_b = count_b / count
     delta = mean_b - mean_a
     return count, mean_a + delta * fraction_b, m2_a + m2_b + delta * delta * (count_a * fraction_b)
+
+
+@triton.jit
+def _vector_statistics(x, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR: tl.constexpr):
+    """(mean, m2) of each run of VECTOR consecutive pixels of a [rows, pixels] tile: [rows, pixels / VECTOR] each,
+    in two passes over the run. A run lies in one thread (VECTOR is the 16-byte vector of an NCHW row), so this
+    is arithmetic in registers, with no shuffle."""
+    if VECTOR == 1:
+        return x, tl.zeros_like(x)
+    runs = tl.reshape(x, [BLOCK_ROWS, BLOCK_PIXELS // VECTOR, VECTOR])
+    mean = tl.sum(runs, 2) * (1.0 / VECTOR)
+    deviation = runs - mean[:, :, None]
+    return mean, tl.sum(deviation * deviation, 2)
+
+
+@triton.jit
+def _row_statistics(x_ptr, batch, channel, valid, first_block, end_block, pixels, batch_stride, line_stride,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    ALIGN: tl.constexpr):
+    """(count, mean, m2) of each of BLOCK_ROWS rows over pixel blocks [first_block, end_block); count a scalar.
+
+    Each lane keeps its own statistics across the tiles, and the lanes of a row are merged once at the end (two
+    block-wide sums), where a reduction per tile cost 2 block-wide reductions (64 shuffles and 4 barriers per
+    thread per tile). A lane is a run of VECTOR pixels of a row, one 16-byte vector in one thread in the aligned
+    NCHW tiles (8 pixels), else one pixel: its statistics take each tile's run (_vector_statistics) by Chan's
+    combine, with a weight 1 / (tiles so far) that is a scalar, about 3.5 FP32 instructions per element and 2
+    registers per run. The full tiles take no mask in the combine; the last, partial one (at most one) does. Lanes
+    that hold no element (count 0, mean 0, m2 0) add nothing to the merge."""
+    VECTOR: tl.constexpr = ALIGN if not CHANNELS_LAST else 1
+    LANES: tl.constexpr = BLOCK_PIXELS // VECTOR
+    full_end = tl.maximum(tl.minimum(end_block, pixels // BLOCK_PIXELS), first_block)
+    lane_mean = tl.zeros([BLOCK_ROWS, LANES], tl.float32)
+    lane_m2 = tl.zeros([BLOCK_ROWS, LANES], tl.float32)
+    lane_count = tl.zeros([LANES], tl.float32)
+    for pixel_block in range(first_block, end_block):
+        pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+        mask = valid[:, None] & (pixel < pixels)[None, :]
+        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+        # Phase B reads this tile again: ask L2 to keep it.
+        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(tl.float32)
+        run_mean, run_m2 = _vector_statistics(x, BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
+        # Runs of a tile are whole (ALIGN divides the pixels) or empty (x = 0 there: run_m2 = 0).
+        tiles_before = (pixel_block - first_block).to(tl.float32)
+        delta = run_mean - lane_mean
+        if pixel_block >= full_end:  # the partial last tile: empty runs keep their statistics
+            run_valid = pixel_block * BLOCK_PIXELS + tl.arange(0, LANES) * VECTOR < pixels
+            delta = tl.where(run_valid[None, :], delta, 0.0)
+            lane_count += run_valid.to(tl.float32) * VECTOR
+        else:
+            lane_count += VECTOR
+        fraction = 1.0 / (tiles_before + 1.0)
+        lane_mean += delta * fraction
+        lane_m2 += run_m2 + delta * delta * (VECTOR * tiles_before * fraction)
+    # The lanes of a row merged (Chan's formula for many sets, in two passes over the lanes in registers).
+    count = (tl.minimum(end_block * BLOCK_PIXELS, pixels) - first_block * BLOCK_PIXELS).to(tl.float32)
+    mean = tl.sum(lane_count[None, :] * lane_mean, 1) / count
+    deviation = lane_mean - mean[:, None]
+    return count, mean, tl.sum(lane_m2 + lane_count[None, :] * deviation * deviation, 1)
 
 
 @triton.jit
@@ -206,20 +265,9 @@ def _group_norm_forward_kernel(
                     row_count, row_mean, row_m2 = _chan_combine(row_count, row_mean, row_m2,
                                                                 chunk_count, chunk_mean, chunk_m2)
             else:
-                for pixel_block in range(first_block, end_block):
-                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-                    mask = valid[:, None] & (pixel < pixels)[None, :]
-                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-                    # Phase B reads this tile again: ask L2 to keep it.
-                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                                eviction_policy="evict_last").to(tl.float32)
-                    # Two passes over the tile in registers, then Chan's combine: no E[x^2] - E[x]^2.
-                    tile_count = tl.minimum(pixels - pixel_block * BLOCK_PIXELS, BLOCK_PIXELS).to(tl.float32)
-                    tile_mean = tl.sum(x, 1) / tile_count
-                    deviation = tl.where(mask, x - tile_mean[:, None], 0.0)
-                    tile_m2 = tl.sum(deviation * deviation, 1)
-                    row_count, row_mean, row_m2 = _chan_combine(row_count, row_mean, row_m2,
-                                                                tile_count, tile_mean, tile_m2)
+                row_count, row_mean, row_m2 = _row_statistics(
+                    x_ptr, batch, channel, valid, first_block, end_block, pixels, batch_stride, line_stride,
+                    BLOCK_ROWS, BLOCK_PIXELS, CHANNELS_LAST, ALIGN)
             if mode == MODE_STATS:
                 tl.store(partial_mean_ptr + chunk * all_rows + row, row_mean, mask=valid)
                 tl.store(partial_m2_ptr + chunk * all_rows + row, row_m2, mask=valid)
@@ -401,10 +449,11 @@ FORWARD_TILES = {
         # per thread (each row costs registers for its coefficients in every thread holding it).
         "unaligned": Tile(4, 512, 8, False, align=1),
     },
-    True: {  # channels_last
+    True: {  # channels_last: 16 elements per thread, where NCHW takes 32 (its statistics keep one lane per
+        # 16-byte run of a row, _row_statistics; here a lane per element, whose statistics spilled at 32 on sm_80)
         "small_maps": Tile(64, 64, 8, True),
-        "rows": Tile(8, 512, 4, True),
-        "big": Tile(8, 2048, 16, True),
+        "rows": Tile(8, 512, 8, True),
+        "big": Tile(8, 1024, 16, True),
         "unaligned": Tile(16, 128, 8, True, align=1),  # packs of a channel count not a multiple of 8 (C=12, G=4)
     },
 }

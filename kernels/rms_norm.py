@@ -72,8 +72,10 @@ def _aligned_runs(channels, pixels, CHANNELS_LAST: tl.constexpr, ALIGN: tl.const
 @triton.jit
 def _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
                     BLOCK_CHANNELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
-    """Per pixel of the block, the sum over channels of x^2 in fp32 (pass 1 of both directions)."""
-    sum_of_squares = tl.zeros(pixel.shape, tl.float32)
+    """Per pixel of the block, the sum over channels of x^2 in fp32 (pass 1 of both directions): per lane of the
+    [channels, pixels] tile across the channel blocks, the lanes of a pixel summed once at the end (a sum per
+    tile cost a cross-warp reduction, shared memory and barriers, per tile)."""
+    lane_squares = tl.zeros([BLOCK_CHANNELS, pixel.shape[0]], tl.float32)
     for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
         channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
         mask = (channel < channels)[:, None] & pixel_valid[None, :]
@@ -81,8 +83,8 @@ def _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, li
         # The next pass reads this tile again: ask L2 to keep it.
         x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                     eviction_policy="evict_last").to(tl.float32)
-        sum_of_squares += tl.sum(x * x, 0)
-    return sum_of_squares
+        lane_squares += x * x
+    return tl.sum(lane_squares, 0)
 
 
 @triton.jit
@@ -164,8 +166,9 @@ def _rms_norm_backward_kernel(
     norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
                                    BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
     rinv = 1.0 / tl.maximum(norm, eps)
-    # Pass 2: dot(a, v) per pixel, and this program's per-channel sums for the parameter gradients.
-    dot = tl.zeros([BLOCK_PIXELS], tl.float32)
+    # Pass 2: dot(a, v) per pixel (per lane across the channel blocks, summed once after), and this program's
+    # per-channel sums for the parameter gradients.
+    lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)
     for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
         channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
         channel_valid = channel < channels
@@ -183,10 +186,11 @@ def _rms_norm_backward_kernel(
         grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
         v = x * rinv[None, :]
         du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
-        dot += tl.sum(du * coefficient[:, None] * v, 0)
+        lane_dot += du * coefficient[:, None] * v
         partial = (batch * pixel_blocks + program % pixel_blocks).to(tl.int64) * all_channels + channel
         tl.store(partial_du_xhat_ptr + partial, tl.sum(du * v, 1) * sqrt_channels, mask=channel_valid)
         tl.store(partial_du_ptr + partial, tl.sum(du, 1), mask=channel_valid)
+    dot = tl.sum(lane_dot, 0)
     if compute_grad_x:
         # Where the clamp max(||x||, eps) picks eps, rinv does not depend on x: no second term.
         dot = tl.where(norm >= eps, dot, 0.0)

@@ -3,8 +3,8 @@
 Each module implements one fused op of fastunet.functional with the same name and arguments as its
 reference in fastunet.reference, as torch.library custom ops with fake and autograd registrations, and
 exposes `gpu_compile_configs()`: every (kernel, signature, constexprs, options[, attrs]) a GPU run can select
-(optionally per `arch`), so that tests compile all of them ahead of time for sm_80 and sm_90 without a GPU; see
-tests/gpu_compile.py.
+(optionally per `arch`), so that tests compile all of them ahead of time without a GPU for sm_80, sm_86, sm_89,
+sm_90 and sm_120; see tests/gpu_compile.py.
 """
 
 import os

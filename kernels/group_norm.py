@@ -11,9 +11,11 @@ channels), and walks it in [BLOCK_ROWS, BLOCK_PIXELS] tiles:
 - phase B: `y = act(x * alpha + beta)` with per-row alpha = rstd * weight * (1 + scale) and
   beta = (bias - mean * rstd * weight) * (1 + scale) + shift, walking the tiles in reverse order so that the
   most recently read ones, still in L2, come first (phase A reads with evict_last, phase B with evict_first).
-The backward is the same walk: phase A sums du * xhat and du per row (du = dL/d(pre-activation)), phase B
-writes dx = rstd * (gamma * du - mean_group(gamma * du) - xhat * mean_group(gamma * du * xhat)) with
-gamma = weight * (1 + scale); the parameter gradients come from the per-row sums (grads_from_sums).
+The backward is the same walk: phase A sums du * xhat and du per row (du = dL/d(pre-activation)), per lane
+across the tiles as the forward's statistics (_row_gradient_sums), phase B writes
+dx = rstd * (gamma * du - mean_group(gamma * du) - xhat * mean_group(gamma * du * xhat)) with
+gamma = weight * (1 + scale), folded into three per-row coefficients; the parameter gradients come from the
+per-row sums (parameter_grads).
 
 Three regimes, chosen by `plan_group_norm` from the shape (no autotuning):
 - many big groups: one program per SM or so, each looping over packs (a persistent grid): the groups being read
@@ -59,6 +61,7 @@ from fastunet.kernels.scale_shift_act import (
     split_scale_shift,
     tile_offsets,
     tile_pointers,
+    to_float32,
     unet_launch_specialization,
     vector_aligned,
 )
@@ -82,14 +85,35 @@ def _chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
+def _tile(batch, channel, valid, pixel_block, pixels, batch_stride, line_stride, BLOCK_PIXELS: tl.constexpr,
+          CHANNELS_LAST: tl.constexpr):
+    """The tile at `pixel_block` of one row block: (pixel, mask, offsets), its (pixels,) indices, the
+    [rows, pixels] mask of valid rows and pixels, and its element offsets (tile_offsets)."""
+    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+    mask = valid[:, None] & (pixel < pixels)[None, :]
+    return pixel, mask, tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+
+
+@triton.jit
+def _run_sums(value, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR: tl.constexpr):
+    """Sums of each run of VECTOR consecutive pixels of a [rows, pixels] tile: [rows, pixels / VECTOR]. A run of
+    the 16-byte vector of an NCHW row (or of 1) lies in one thread, so that is adds in registers; a run of the
+    whole row (VECTOR = BLOCK_PIXELS) is a block-wide sum."""
+    if VECTOR == 1:
+        return value
+    if VECTOR == BLOCK_PIXELS:
+        return tl.sum(value, 1, keep_dims=True)
+    return tl.sum(tl.reshape(value, [BLOCK_ROWS, BLOCK_PIXELS // VECTOR, VECTOR]), 2)
+
+
+@triton.jit
 def _vector_statistics(x, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR: tl.constexpr):
     """(mean, m2) of each run of VECTOR consecutive pixels of a [rows, pixels] tile: [rows, pixels / VECTOR] each,
-    in two passes over the run. A run lies in one thread (VECTOR is the 16-byte vector of an NCHW row), so this
-    is arithmetic in registers, with no shuffle."""
+    in two passes over the run, in registers (_run_sums)."""
     if VECTOR == 1:
         return x, tl.zeros_like(x)
+    mean = _run_sums(x, BLOCK_ROWS, BLOCK_PIXELS, VECTOR) * (1.0 / VECTOR)
     runs = tl.reshape(x, [BLOCK_ROWS, BLOCK_PIXELS // VECTOR, VECTOR])
-    mean = tl.sum(runs, 2) * (1.0 / VECTOR)
     deviation = runs - mean[:, :, None]
     return mean, tl.sum(deviation * deviation, 2)
 
@@ -114,12 +138,11 @@ def _row_statistics(x_ptr, batch, channel, valid, first_block, end_block, pixels
     lane_m2 = tl.zeros([BLOCK_ROWS, LANES], tl.float32)
     lane_count = tl.zeros([LANES], tl.float32)
     for pixel_block in range(first_block, end_block):
-        pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-        mask = valid[:, None] & (pixel < pixels)[None, :]
-        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+        _, mask, offsets = _tile(batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
+                                 BLOCK_PIXELS, CHANNELS_LAST)
         # Phase B reads this tile again: ask L2 to keep it.
-        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_last").to(tl.float32)
+        x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                               eviction_policy="evict_last"))
         run_mean, run_m2 = _vector_statistics(x, BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
         # Runs of a tile are whole (ALIGN divides the pixels) or empty (x = 0 there: run_m2 = 0).
         tiles_before = (pixel_block - first_block).to(tl.float32)
@@ -214,6 +237,49 @@ def _row_coefficients(weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel
 
 
 @triton.jit
+def _gradient_tile(grad_y_ptr, x_ptr, batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
+                   grad_batch_stride, grad_line_stride, alpha, beta, silu, eviction_policy: tl.constexpr,
+                   BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+                   GRAD_STRIDES: tl.constexpr):
+    """One backward tile: (x, du, offsets, mask), x and du = dL/d(pre-activation) [rows, pixels] fp32 (0 where
+    masked), from x and grad_y read with `eviction_policy`."""
+    pixel, mask, offsets = _tile(batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
+                                 BLOCK_PIXELS, CHANNELS_LAST)
+    x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                           eviction_policy=eviction_policy))
+    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
+                                           grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN, GRAD_STRIDES)
+    grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy=eviction_policy))
+    return x, activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu), offsets, mask
+
+
+@triton.jit
+def _row_gradient_sums(grad_y_ptr, x_ptr, batch, channel, valid, first_block, end_block, pixels, batch_stride,
+                       line_stride, grad_batch_stride, grad_line_stride, alpha, beta, mean, silu,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                       ALIGN: tl.constexpr, GRAD_STRIDES: tl.constexpr):
+    """Per row over pixel blocks [first_block, end_block): (sum of du * (x - mean), sum of du), [rows] each.
+
+    As in _row_statistics, each lane (a 16-byte run of a row in the NCHW tiles, one pixel in the unaligned ones)
+    keeps its sums across the tiles, and the lanes of a row are summed once at the end, where a block-wide sum per
+    tile costs shuffles and barriers in every tile. channels_last tiles still sum each tile's rows: their lanes
+    would be single elements (a channel's pixels lie in different threads), and two sums per element spilled 4-28
+    bytes on sm_80 and sm_120. Masked elements have du = 0 and add nothing."""
+    VECTOR: tl.constexpr = ALIGN if not CHANNELS_LAST else BLOCK_PIXELS
+    LANES: tl.constexpr = BLOCK_PIXELS // VECTOR
+    lane_du_centered = tl.zeros([BLOCK_ROWS, LANES], tl.float32)
+    lane_du = tl.zeros([BLOCK_ROWS, LANES], tl.float32)
+    for pixel_block in range(first_block, end_block):
+        # Phase B reads this tile again: ask L2 to keep it.
+        x, du, _, _ = _gradient_tile(grad_y_ptr, x_ptr, batch, channel, valid, pixel_block, pixels, batch_stride,
+                                     line_stride, grad_batch_stride, grad_line_stride, alpha, beta, silu,
+                                     "evict_last", BLOCK_PIXELS, CHANNELS_LAST, ALIGN, GRAD_STRIDES)
+        lane_du_centered += _run_sums(du * (x - mean[:, None]), BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
+        lane_du += _run_sums(du, BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
+    return tl.sum(lane_du_centered, 1), tl.sum(lane_du, 1)
+
+
+@triton.jit
 def _group_norm_forward_kernel(
     x_ptr, y_ptr,  # (B, C, H, W) in x.dtype, both contiguous in the layout CHANNELS_LAST says
     residual_ptr,  # (B, C, H, W) in x.dtype and x's layout, added to y; read only when has_residual
@@ -295,15 +361,14 @@ def _group_norm_forward_kernel(
                     dtype_codes, has_weight, has_bias, has_scale, has_shift)
                 for reversed_pixel_block in range(first_block, end_block):
                     pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
-                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-                    mask = valid[:, None] & (pixel < pixels)[None, :]
-                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+                    _, mask, offsets = _tile(batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
+                                             BLOCK_PIXELS, CHANNELS_LAST)
                     x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                 eviction_policy="evict_first")
-                    y = activation(x.to(tl.float32) * alpha[:, None] + beta[:, None], silu)
+                    y = activation(to_float32(x) * alpha[:, None] + beta[:, None], silu)
                     if has_residual:
-                        y += tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
-                                     other=0.0, eviction_policy="evict_first").to(tl.float32)
+                        y += to_float32(tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN),
+                                                mask=mask, other=0.0, eviction_policy="evict_first"))
                     tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty),
                              mask=mask, eviction_policy="evict_first")
 
@@ -359,20 +424,11 @@ def _group_norm_backward_kernel(
                     sum_du_xhat += tl.load(partial_du_xhat_ptr + other_chunk * all_rows + row, mask=valid, other=0.0)
                     sum_du += tl.load(partial_du_ptr + other_chunk * all_rows + row, mask=valid, other=0.0)
             else:
-                for pixel_block in range(first_block, end_block):
-                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-                    mask = valid[:, None] & (pixel < pixels)[None, :]
-                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                                eviction_policy="evict_last").to(tl.float32)
-                    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
-                                                           line_stride, grad_batch_stride, grad_line_stride,
-                                                           CHANNELS_LAST, ALIGN, GRAD_STRIDES)
-                    grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-                    du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
-                    xhat = (x - mean[:, None]) * rstd[:, None]
-                    sum_du_xhat += tl.sum(du * xhat, 1)
-                    sum_du += tl.sum(du, 1)
+                sum_du_centered, sum_du = _row_gradient_sums(
+                    grad_y_ptr, x_ptr, batch, channel, valid, first_block, end_block, pixels, batch_stride,
+                    line_stride, grad_batch_stride, grad_line_stride, alpha, beta, mean, silu,
+                    BLOCK_ROWS, BLOCK_PIXELS, CHANNELS_LAST, ALIGN, GRAD_STRIDES)
+                sum_du_xhat = sum_du_centered * rstd
             if mode == MODE_STATS:
                 tl.store(partial_du_xhat_ptr + chunk * all_rows + row, sum_du_xhat, mask=valid)
                 tl.store(partial_du_ptr + chunk * all_rows + row, sum_du, mask=valid)
@@ -382,7 +438,8 @@ def _group_norm_backward_kernel(
                 group_sum_dxhat_xhat += _sum_rows_by_group(slot, valid, groups_per_pack, gamma * sum_du_xhat)
                 group_sum_dxhat += _sum_rows_by_group(slot, valid, groups_per_pack, gamma * sum_du)
         if (mode != MODE_STATS) & compute_grad_x:
-            # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group, dxhat = gamma * du.
+            # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over the group, dxhat = gamma * du,
+            # xhat = (x - mean) * rstd.
             mean_dxhat = group_sum_dxhat / group_size
             mean_dxhat_xhat = group_sum_dxhat_xhat / group_size
             for reversed_row_block in range(row_blocks):
@@ -395,21 +452,21 @@ def _group_norm_backward_kernel(
                     weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
                     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
                     dtype_codes, has_weight, has_bias, has_scale, has_shift)
+                # The same per row as dx = du * du_coefficient + ((x - mean) * centered_coefficient + offset):
+                # 3 instructions per element where the formula takes 6. A group of one element normalizes to 0
+                # whatever x is: its gradient is exactly 0 (the formula's terms cancel only up to rounding).
+                several = group_size > 1.0
+                du_coefficient = tl.where(several, alpha, 0.0)  # alpha = rstd * gamma
+                centered_coefficient = tl.where(several, -rstd * rstd * mean_dxhat_xhat, 0.0)
+                offset = tl.where(several, -rstd * mean_dxhat, 0.0)
                 for reversed_pixel_block in range(first_block, end_block):
                     pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
-                    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-                    mask = valid[:, None] & (pixel < pixels)[None, :]
-                    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-                    x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                                eviction_policy="evict_first").to(tl.float32)
-                    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride,
-                                                           line_stride, grad_batch_stride, grad_line_stride,
-                                                           CHANNELS_LAST, ALIGN, GRAD_STRIDES)
-                    grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                    du = activation_backward(grad_y, x * alpha[:, None] + beta[:, None], silu)
-                    xhat = (x - mean[:, None]) * rstd[:, None]
-                    grad_x = rstd[:, None] * (gamma[:, None] * du - mean_dxhat[:, None]
-                                              - xhat * mean_dxhat_xhat[:, None])
+                    x, du, offsets, mask = _gradient_tile(
+                        grad_y_ptr, x_ptr, batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
+                        grad_batch_stride, grad_line_stride, alpha, beta, silu, "evict_first", BLOCK_PIXELS,
+                        CHANNELS_LAST, ALIGN, GRAD_STRIDES)
+                    grad_x = du * du_coefficient[:, None] + ((x - mean[:, None]) * centered_coefficient[:, None]
+                                                             + offset[:, None])
                     tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN),
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
@@ -539,9 +596,9 @@ def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, ele
         return GroupNormPlan(name, groups_per_pack, min(pixel_blocks, -(-2 * num_sms // num_packs)), num_packs)
     # Persistent grid: the packs in flight (x, and dy in the backward) should fit the L2 budget, so that phase B
     # finds its tiles there; but never fewer programs than SMs, which would leave SMs without work: at 128x128,
-    # batch 32, bf16, the backward's 512 KB packs allow 75 programs, and the kernel, issue-bound, would lose more
-    # on 57 idle SMs (1.76x the issue floor in bench/static_report.py) than it gains on the re-read (a modelled
-    # 1.16x the minimum bytes at 132 programs).
+    # batch 32, bf16, the backward's 512 KB packs allow 75 programs, and its issue floor, 0.71x the HBM floor on
+    # 132 SMs in bench/static_report.py, would be 1.25x on 75: more than the re-read costs (a modelled 1.16x the
+    # minimum bytes at 132 programs).
     pack_bytes = groups_per_pack * channels_per_group * pixels * element_size * (2 if backward else 1)
     programs = min(num_packs, max(num_sms, _l2_budget(l2_bytes) // pack_bytes))
     return GroupNormPlan(name, groups_per_pack, 1, programs)

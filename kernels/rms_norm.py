@@ -50,6 +50,7 @@ from fastunet.kernels.scale_shift_act import (
     split_scale_shift,
     tile_offsets,
     tile_pointers,
+    to_float32,
     unet_launch_specialization,
     vector_aligned,
 )
@@ -81,8 +82,8 @@ def _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, li
         mask = (channel < channels)[:, None] & pixel_valid[None, :]
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
         # The next pass reads this tile again: ask L2 to keep it.
-        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_last").to(tl.float32)
+        x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_last"))
         lane_squares += x * x
     return tl.sum(lane_squares, 0)
 
@@ -131,12 +132,12 @@ def _rms_norm_forward_kernel(
             has_shift)
         mask = channel_valid[:, None] & pixel_valid[None, :]
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
+        x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_first"))
         y = activation(x * rinv[None, :] * coefficient[:, None] + shift[:, None], silu)
         if has_residual:
-            y += tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
+            y += to_float32(tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                         eviction_policy="evict_first"))
         tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -178,12 +179,12 @@ def _rms_norm_backward_kernel(
             has_shift)
         mask = channel_valid[:, None] & pixel_valid[None, :]
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-        x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_last").to(tl.float32)
+        x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                    eviction_policy="evict_last"))
         grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
                                                grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN,
                                                True)
-        grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last"))
         v = x * rinv[None, :]
         du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
         lane_dot += du * coefficient[:, None] * v
@@ -203,12 +204,12 @@ def _rms_norm_backward_kernel(
                 dtype_codes, has_scale, has_shift)
             mask = channel_valid[:, None] & pixel_valid[None, :]
             offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-            x = tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
+            x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                        eviction_policy="evict_first"))
             grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
                                                    grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN,
                                                    True)
-            grad_y = tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first"))
             v = x * rinv[None, :]
             du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
             grad_x = rinv[None, :] * (du * coefficient[:, None] - v * dot[None, :])

@@ -16,7 +16,8 @@ arch)` gives the list the records below follow, one record per configuration, in
 Every architecture users train on is compiled: A100 (sm_80), RTX 30xx (sm_86), RTX 40xx (sm_89), H100/H200 (sm_90)
 and RTX 50xx (sm_120), each against its own shared-memory limit.
 
-    python tests/gpu_compile.py fastunet.kernels.group_norm 90   -> one JSON line per configuration
+    python tests/gpu_compile.py fastunet.kernels.group_norm 90        -> one JSON line per configuration
+    python tests/gpu_compile.py fastunet.kernels.group_norm 90 1 2    -> configurations 1, 3, 5, ... only
 """
 
 import importlib
@@ -82,12 +83,13 @@ def triton_attrs(kernel, attrs):
     return {path(key): [list(attr) for attr in specs] for key, specs in (attrs or {}).items()}
 
 
-def compile_module(module_name, arch):
+def compile_module(module_name, arch, part=0, parts=1):
+    """Records of compiling configurations part, part + parts, part + 2 * parts, ... of the module for sm_`arch`."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     module = importlib.import_module(module_name)
-    for kernel, signature, constexprs, options, attrs in configurations(module, arch):
+    for kernel, signature, constexprs, options, attrs in configurations(module, arch)[part::parts]:
         attrs = triton_attrs(kernel, attrs)
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         name = f"{kernel.__name__}[{', '.join(f'{k}={v}' for k, v in {**constexprs, **options}.items())}]"
@@ -107,21 +109,31 @@ def compile_module(module_name, arch):
         yield record
 
 
-def compile_in_subprocess(module_name, arch):
-    """Records of compiling every configuration of `module_name` for sm_`arch`."""
+def compile_in_subprocess(module_name, arch, part=0, parts=1):
+    """compile_module's records, from a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, __file__, module_name, str(arch)], capture_output=True, text=True, env=env)
+    run = subprocess.run([sys.executable, __file__, module_name, str(arch), str(part), str(parts)],
+                         capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise RuntimeError(f"compiling {module_name} for sm_{arch} crashed:\n{run.stderr[-4000:]}")
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
 
 
-def compile_for_archs(module_name, archs=ARCHS):
-    """{arch: records} for each of `archs`, compiled in subprocesses two at a time (this machine has 2 cores)."""
+def compile_for_archs(module_name, archs=ARCHS, workers=2):
+    """{arch: records, in configuration order} for each of `archs`. Each architecture's configurations are dealt
+    into `workers` parts, and the parts of all architectures run as subprocesses `workers` at a time (this machine
+    has 2 cores): the cores stay busy to the end, where a subprocess per architecture left one idle for the
+    fifth."""
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        return dict(zip(archs, pool.map(lambda arch: compile_in_subprocess(module_name, arch), archs)))
+    jobs = [(arch, part) for arch in archs for part in range(workers)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        parts = dict(zip(jobs, pool.map(lambda job: compile_in_subprocess(module_name, *job, workers), jobs)))
+    records = {}
+    for arch in archs:
+        dealt = [parts[arch, part] for part in range(workers)]
+        records[arch] = [dealt[i % workers][i // workers] for i in range(sum(map(len, dealt)))]
+    return records
 
 
 def assert_every_config_compiles_cleanly(module_name, spill_bytes_allowed=0, archs=ARCHS):
@@ -140,5 +152,5 @@ def assert_every_config_compiles_cleanly(module_name, spill_bytes_allowed=0, arc
 
 
 if __name__ == "__main__":
-    for result in compile_module(sys.argv[1], int(sys.argv[2])):
+    for result in compile_module(sys.argv[1], *map(int, sys.argv[2:])):
         print(json.dumps(result), flush=True)

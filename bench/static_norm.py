@@ -92,18 +92,19 @@ def _group_norm_rows(device, batch, channels, side, backward):
 
 
 def _parameter_grads_rows(device, launches, label):
-    """A row for the parameter-gradient reduction of a backward, if it launched one: it reads the (B, P, C) fp32
-    partial sums twice over (du * xhat and du), [BLOCK_PARTIALS, BLOCK_CHANNELS] per step."""
+    """A row for the parameter-gradient kernel of a backward, if it launched one: it reads the (2, B, C) fp32 sums
+    of du * xhat and du, [BLOCK_BATCH, BLOCK_CHANNELS] per step (RMSNorm's (2, B, P, C) partials are summed over P
+    by an ATen op first, which is not a Triton launch and has no row)."""
     rows = []
     for launch in launches:
         if "parameter_grads" not in launch.kernel.__name__:
             continue
-        batch, partials, channels = (_argument(launch, name) for name in ("batch", "partials", "channels"))
-        tile = launch.kwargs["BLOCK_PARTIALS"] * launch.kwargs["BLOCK_CHANNELS"]
-        partial_bytes = 2 * batch * partials * channels * 4
+        batch, channels = (_argument(launch, name) for name in ("batch", "channels"))
+        tile = launch.kwargs["BLOCK_BATCH"] * launch.kwargs["BLOCK_CHANNELS"]
+        sum_bytes = 2 * batch * channels * 4
         rows.append(report.kernel_row(f"{label} parameter grads", launch, device, tile_elements=tile,
-                                      elements=batch * partials * channels, element_size=4,
-                                      bytes_moved=partial_bytes, bytes_minimum=partial_bytes))
+                                      elements=batch * channels, element_size=4,
+                                      bytes_moved=sum_bytes, bytes_minimum=sum_bytes))
     return rows
 
 

@@ -723,8 +723,9 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
     weight, bias = _contiguous_parameter(weight), _contiguous_parameter(bias)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels = x.shape[:2]
-    # Per-row sums, the (B, 1, C) partials of parameter_grads.
-    sum_du_xhat, sum_du = torch.empty(2, batch, 1, channels, device=x.device, dtype=torch.float32)
+    # Per-row sums of du * xhat and du, the (2, B, 1, C) partial sums of parameter_grads.
+    row_sums = torch.empty(2, batch, 1, channels, device=x.device, dtype=torch.float32)
+    sum_du_xhat, sum_du = row_sums
     partial_du_xhat, partial_du = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
                                               device=x.device, dtype=torch.float32)
     mean, rstd = mean.contiguous(), rstd.contiguous()
@@ -738,8 +739,7 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
                        need_x),
     )
     _launch(_group_norm_backward_kernel, plan, shape_args[4], args, meta)
-    parameter_grads_ = parameter_grads(sum_du_xhat, sum_du, weight, bias, scale, shift, scale_shift,
-                                       need_parameters)
+    parameter_grads_ = parameter_grads(row_sums, weight, bias, scale, shift, scale_shift, need_parameters)
     return (grad_x, *parameter_grads_)
 
 

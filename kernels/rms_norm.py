@@ -322,7 +322,8 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
 
     needs: which of (x, g, scale, shift, scale_shift) want a gradient. Returns (dx, dg, d_scale, d_shift,
     d_scale_shift) in each input's dtype (dx in kernel_memory_format(x)), None where not needed. Two launches: dx
-    and per-program sums, then the parameter gradients (parameter_grads).
+    and per-program sums, then the parameter gradients (parameter_grads: an ATen sum over the programs of a batch,
+    then one launch).
     """
     need_x, need_g, need_scale, need_shift, need_scale_shift = needs
     memory_format = kernel_memory_format(x)
@@ -334,8 +335,8 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
     g = _contiguous_parameter(g)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels, height, width = x.shape
-    partial_du_xhat, partial_du = torch.empty(2, batch, pixel_blocks, channels, device=x.device,
-                                              dtype=torch.float32)
+    partial_sums = torch.empty(2, batch, pixel_blocks, channels, device=x.device, dtype=torch.float32)
+    partial_du_xhat, partial_du = partial_sums
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale_half, shift_half))
     _rms_norm_backward_kernel[grid](
         grad_y, x, x if grad_x is None else grad_x, *parameter_pointers, partial_du_xhat, partial_du,
@@ -344,8 +345,7 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
         *runtime_flags(scale_half is not None, shift_half is not None, silu, need_x), **meta)
     # g plays weight (its sums carry the sqrt(C) factor already); there is no bias.
     d_g, _, d_scale, d_shift, d_scale_shift = parameter_grads(
-        partial_du_xhat, partial_du, g, None, scale, shift, scale_shift,
-        (need_g, False, need_scale, need_shift, need_scale_shift))
+        partial_sums, g, None, scale, shift, scale_shift, (need_g, False, need_scale, need_shift, need_scale_shift))
     return grad_x, d_g, d_scale, d_shift, d_scale_shift
 
 

@@ -204,57 +204,55 @@ def activation_backward(grad_out, u, silu):
 
 @triton.jit
 def _parameter_grads_kernel(
-    partial_du_xhat_ptr, partial_du_ptr,  # (B, P, C) fp32 contiguous: per (batch, partial, channel) sums
+    sums_ptr,  # (2, B, C) fp32 contiguous: per (batch, channel), the sums of du * xhat, then of du
     weight_ptr, bias_ptr,  # (C,) raw bytes, unit stride; read only when has_weight / has_bias
     scale_ptr,  # (B, C) raw bytes, strided; read only when has_scale
     d_weight_ptr, d_bias_ptr,  # (C,) raw bytes of outputs in weight's / bias's dtype
     d_scale_ptr, d_shift_ptr,  # (B, C) raw bytes of outputs in scale's / shift's dtype, strided
     scale_batch_stride, scale_channel_stride,  # in elements, as every stride here
     d_scale_batch_stride, d_scale_channel_stride, d_shift_batch_stride, d_shift_channel_stride,
-    batch, partials, channels,
+    batch, channels,
     dtype_codes,  # pack_dtype_codes(weight, bias, scale, shift)
     has_weight, has_bias, has_scale,
     need_weight, need_bias, need_scale, need_shift,
-    BLOCK_PARTIALS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+    BLOCK_BATCH: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):
-    """Parameter gradients of `out = act((xhat * weight + bias) * (scale + 1) + shift)` from per-partial sums of
-    du * xhat and du (du = d loss / d pre-activation): with s1, s0 their sums over the partials of one (batch,
-    channel), d_weight = sum_b s1 * (1 + scale), d_bias = sum_b s0 * (1 + scale), d_scale = s1 * weight + s0 * bias
-    (d out / d scale is xhat * weight + bias), d_shift = s0. One program per block of channels walks the batch
-    and the partials in order: deterministic."""
+    """Parameter gradients of `out = act((xhat * weight + bias) * (scale + 1) + shift)` from the sums s1 of
+    du * xhat and s0 of du (du = d loss / d pre-activation) of each (batch, channel): d_weight = sum_b s1 * (1 +
+    scale), d_bias = sum_b s0 * (1 + scale), d_scale = s1 * weight + s0 * bias (d out / d scale is xhat * weight +
+    bias), d_shift = s0. One program per block of channels takes [BLOCK_BATCH, BLOCK_CHANNELS] tiles of the
+    batch, one step for a batch of up to BLOCK_BATCH, and sums them over the batch per lane, then once:
+    deterministic."""
     channel = tl.program_id(0) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     valid = channel < channels
     weight_dtype, bias_dtype = dtype_code_of(dtype_codes, 0), dtype_code_of(dtype_codes, 1)
     scale_dtype, shift_dtype = dtype_code_of(dtype_codes, 2), dtype_code_of(dtype_codes, 3)
     weight = load_parameter(weight_ptr, channel, valid, has_weight, weight_dtype, 1.0)
     bias = load_parameter(bias_ptr, channel, valid, has_bias, bias_dtype, 0.0)
-    d_weight = tl.zeros([BLOCK_CHANNELS], tl.float32)
-    d_bias = tl.zeros([BLOCK_CHANNELS], tl.float32)
-    for b in range(batch):
-        sum_du_xhat = tl.zeros([BLOCK_CHANNELS], tl.float32)
-        sum_du = tl.zeros([BLOCK_CHANNELS], tl.float32)
-        for first in range(0, partials, BLOCK_PARTIALS):
-            partial = first + tl.arange(0, BLOCK_PARTIALS)
-            offsets = (b * partials + partial).to(tl.int64)[:, None] * channels + channel[None, :]
-            mask = (partial < partials)[:, None] & valid[None, :]
-            sum_du_xhat += tl.sum(tl.load(partial_du_xhat_ptr + offsets, mask=mask, other=0.0), 0)
-            sum_du += tl.sum(tl.load(partial_du_ptr + offsets, mask=mask, other=0.0), 0)
-        one_plus_scale = tl.where(valid, 1.0, 1.0)
+    lane_d_weight = tl.zeros([BLOCK_BATCH, BLOCK_CHANNELS], tl.float32)
+    lane_d_bias = tl.zeros([BLOCK_BATCH, BLOCK_CHANNELS], tl.float32)
+    for first in range(0, batch, BLOCK_BATCH):
+        b = first + tl.arange(0, BLOCK_BATCH)
+        mask = (b < batch)[:, None] & valid[None, :]
+        offsets = b.to(tl.int64)[:, None] * channels + channel[None, :]
+        sum_du_xhat = tl.load(sums_ptr + offsets, mask=mask, other=0.0)
+        sum_du = tl.load(sums_ptr + batch * channels + offsets, mask=mask, other=0.0)
+        one_plus_scale = tl.where(mask, 1.0, 1.0)
         if has_scale:
-            one_plus_scale += load_as_fp32(scale_ptr, b * scale_batch_stride + channel * scale_channel_stride,
-                                           valid, scale_dtype, 0.0)
-        d_weight += sum_du_xhat * one_plus_scale
-        d_bias += sum_du * one_plus_scale
+            one_plus_scale += load_as_fp32(scale_ptr, b[:, None] * scale_batch_stride
+                                           + channel[None, :] * scale_channel_stride, mask, scale_dtype, 0.0)
+        lane_d_weight += sum_du_xhat * one_plus_scale
+        lane_d_bias += sum_du * one_plus_scale
         if need_scale:
-            store_from_fp32(d_scale_ptr, b * d_scale_batch_stride + channel * d_scale_channel_stride,
-                            sum_du_xhat * weight + sum_du * bias, valid, scale_dtype)
+            store_from_fp32(d_scale_ptr, b[:, None] * d_scale_batch_stride + channel[None, :] * d_scale_channel_stride,
+                            sum_du_xhat * weight[None, :] + sum_du * bias[None, :], mask, scale_dtype)
         if need_shift:
-            store_from_fp32(d_shift_ptr, b * d_shift_batch_stride + channel * d_shift_channel_stride, sum_du, valid,
-                            shift_dtype)
+            store_from_fp32(d_shift_ptr, b[:, None] * d_shift_batch_stride + channel[None, :] * d_shift_channel_stride,
+                            sum_du, mask, shift_dtype)
     if need_weight:
-        store_from_fp32(d_weight_ptr, channel, d_weight, valid, weight_dtype)
+        store_from_fp32(d_weight_ptr, channel, tl.sum(lane_d_weight, 0), valid, weight_dtype)
     if need_bias:
-        store_from_fp32(d_bias_ptr, channel, d_bias, valid, bias_dtype)
+        store_from_fp32(d_bias_ptr, channel, tl.sum(lane_d_bias, 0), valid, bias_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,19 +382,24 @@ def split_scale_shift(scale, shift, scale_shift):
     return scale_shift.chunk(2, dim=1)
 
 
-def parameter_grads(partial_du_xhat, partial_du, weight, bias, scale, shift, scale_shift, needs):
-    """The parameter gradients from per-(batch, partial, channel) sums, in one launch of _parameter_grads_kernel.
+def parameter_grads(partial_sums, weight, bias, scale, shift, scale_shift, needs):
+    """The parameter gradients from per-(batch, partial, channel) sums, in one launch of _parameter_grads_kernel
+    (two when there are several partials per batch).
 
-    partial_du_xhat, partial_du: (B, P, C) fp32, contiguous. weight, bias: (C,) or None; scale, shift: (B, C) or
-    None; scale_shift: (B, 2C) or None (then scale, shift are None and its two halves are meant). needs: which of
-    (weight, bias, scale, shift, scale_shift) want a gradient. Returns (d_weight, d_bias, d_scale, d_shift,
-    d_scale_shift), each in its parameter's dtype, None where not wanted.
+    partial_sums: (2, B, P, C) fp32 contiguous, the sums of du * xhat, then of du. weight, bias: (C,) or None;
+    scale, shift: (B, C) or None; scale_shift: (B, 2C) or None (then scale, shift are None and its two halves are
+    meant). needs: which of (weight, bias, scale, shift, scale_shift) want a gradient. Returns (d_weight, d_bias,
+    d_scale, d_shift, d_scale_shift), each in its parameter's dtype, None where not wanted.
     """
     need_weight, need_bias, need_scale, need_shift, need_scale_shift = needs
     if not any(needs):
         return None, None, None, None, None
-    batch, partials, channels = partial_du.shape
-    device = partial_du.device
+    _, batch, partials, channels = partial_sums.shape
+    device = partial_sums.device
+    # Several partials per (batch, channel) (RMSNorm's, one per block of pixels: 256 at 128x128) are summed by one
+    # ATen reduction, deterministic and spread over the whole GPU; the kernel's programs, one per 32 channels,
+    # walked them in sequence (B * P / 16 dependent steps, 512 at 128x128, batch 32).
+    sums = partial_sums.sum(dim=2) if partials > 1 else partial_sums[:, :, 0]
     scale, shift = split_scale_shift(scale, shift, scale_shift)
     d_weight = torch.empty(channels, device=device, dtype=weight.dtype) if need_weight else None
     d_bias = torch.empty(channels, device=device, dtype=bias.dtype) if need_bias else None
@@ -407,23 +410,24 @@ def parameter_grads(partial_du_xhat, partial_du, weight, bias, scale, shift, sca
     else:
         d_scale = torch.empty(batch, channels, device=device, dtype=scale.dtype) if need_scale else None
         d_shift = torch.empty(batch, channels, device=device, dtype=shift.dtype) if need_shift else None
-    absent = partial_du.view(torch.uint8)  # the pointer passed for what is absent or not wanted; never used
-    block_channels = 32
+    absent = sums.view(torch.uint8)  # the pointer passed for what is absent or not wanted; never used
     views = [parameter_bytes(t) for t in (weight, bias, scale, d_weight, d_bias, d_scale, d_shift)]
-    _parameter_grads_kernel[(triton.cdiv(channels, block_channels),)](
-        partial_du_xhat, partial_du, *(absent if view is None else view for view, _ in views),
+    _parameter_grads_kernel[(triton.cdiv(channels, PARAMETER_GRADS_BLOCK_CHANNELS),)](
+        sums, *(absent if view is None else view for view, _ in views),
         *views[2][1], *views[5][1], *views[6][1],
-        batch, partials, channels, pack_dtype_codes(weight, bias, scale, shift),
+        batch, channels, pack_dtype_codes(weight, bias, scale, shift),
         *runtime_flags(weight is not None, bias is not None, scale is not None,
                        d_weight is not None, d_bias is not None, d_scale is not None, d_shift is not None),
-        BLOCK_PARTIALS=PARAMETER_GRADS_BLOCK_PARTIALS, BLOCK_CHANNELS=block_channels, num_warps=4)
+        BLOCK_BATCH=PARAMETER_GRADS_BLOCK_BATCH, BLOCK_CHANNELS=PARAMETER_GRADS_BLOCK_CHANNELS, num_warps=4)
     if d_scale_shift is not None:
         return d_weight, d_bias, None, None, d_scale_shift
     return d_weight, d_bias, d_scale, d_shift, None
 
 
-# Partials summed per step by _parameter_grads_kernel: [16, 32] fp32 tiles, 4 per thread of 4 warps.
-PARAMETER_GRADS_BLOCK_PARTIALS = 16
+# The parameter-gradient kernel's [batch, channels] fp32 tiles, 8 per thread of 4 warps: a batch of up to 32 in one
+# step, so that its few programs (C / 32) each wait on one round of loads, not one per image.
+PARAMETER_GRADS_BLOCK_BATCH = 32
+PARAMETER_GRADS_BLOCK_CHANNELS = 32
 
 
 def parameter_grads_compile_configs():
@@ -431,7 +435,7 @@ def parameter_grads_compile_configs():
     parameter dtypes are runtime values), with the 16-divisibility a Unet launch gets (aligned pointers, channel
     counts and strides multiples of 16)."""
     kernel = _parameter_grads_kernel
-    constexprs = dict(BLOCK_PARTIALS=PARAMETER_GRADS_BLOCK_PARTIALS, BLOCK_CHANNELS=32)
+    constexprs = dict(BLOCK_BATCH=PARAMETER_GRADS_BLOCK_BATCH, BLOCK_CHANNELS=PARAMETER_GRADS_BLOCK_CHANNELS)
     flags = ("has_weight", "has_bias", "has_scale", "need_weight", "need_bias", "need_scale", "need_shift")
     signature = compile_signature(kernel, constexprs, torch.float32, (), flags, floats=())
     yield kernel, signature, constexprs, dict(num_warps=4), divisibility_attrs(

@@ -260,7 +260,10 @@ def test_gpu_compile():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_unet_call_costs_at_most_four_gpu_kernels(dtype, device):
     """Forward + backward as a 2.x ResnetBlock calls it (g fp32 under bf16 autocast, scale/shift the chunk()
-    halves of one time-MLP output): at most 4 GPU kernels, all Triton (torch.profiler on CPU, not a timing)."""
+    halves of one time-MLP output): at most 4 GPU kernels (torch.profiler on CPU, not a timing), all Triton but
+    one ATen sum of the per-program partial sums of the parameter gradients (kernels/scale_shift_act.py's
+    parameter_grads: a reduction spread over the GPU, where the parameter kernel's few programs walked the
+    partials in sequence). No cast, zero-fill or cat."""
     from kernel_count import count_gpu_kernels
     g_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     x, g, _, _ = make_inputs((2, 16, 8, 8), dtype, device, param_dtype=g_dtype)
@@ -273,7 +276,8 @@ def test_unet_call_costs_at_most_four_gpu_kernels(dtype, device):
         rn.rms_norm_act(leaves[0], leaves[1], scale, shift, True).backward(grad_y)
     counted = count_gpu_kernels(step)
     assert counted.total <= 4, counted.summary(top=20)
-    assert all(name.startswith("triton::") for name in counted.by_name), counted.summary(top=20)
+    assert counted.by_name.get("aten::sum", 0) <= 1, counted.summary(top=20)
+    assert all(name.startswith("triton::") or name == "aten::sum" for name in counted.by_name), counted.summary(top=20)
     assert [t.grad.dtype for t in leaves] == [t.dtype for t in leaves]
 
 

@@ -175,6 +175,23 @@ def _aligned_runs(pack_rows, pixels, CHANNELS_LAST: tl.constexpr, ALIGN: tl.cons
 
 
 @triton.jit
+def _program_extent(pixels, channels_per_group, groups, num_packs, groups_per_pack, pixel_blocks_per_chunk,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    ALIGN: tl.constexpr):
+    """What a program of either kernel walks: (chunk, first_block, end_block, packs_per_batch, pack_rows, pixels,
+    row_blocks, all_rows): its pixel chunk (program_id 1) as pixel blocks [first_block, end_block), the rows of
+    a pack and `pixels` as _aligned_runs rewrites them, the row blocks of a pack, and B * C (the row stride of
+    the split path's per-chunk statistics)."""
+    chunk = tl.program_id(1)
+    pixel_blocks = tl.cdiv(pixels, BLOCK_PIXELS)
+    first_block = chunk * pixel_blocks_per_chunk
+    end_block = tl.minimum(first_block + pixel_blocks_per_chunk, pixel_blocks)
+    pack_rows, pixels = _aligned_runs(groups_per_pack * channels_per_group, pixels, CHANNELS_LAST, ALIGN)
+    return (chunk, first_block, end_block, groups // groups_per_pack, pack_rows, pixels,
+            tl.cdiv(pack_rows, BLOCK_ROWS), num_packs * pack_rows)
+
+
+@triton.jit
 def _pack_rows(row_block, first_channel, pack_rows, channels_per_group, BLOCK_ROWS: tl.constexpr):
     """Lanes of one row block of a pack: (channel, valid, group slot of the lane within the pack).
 
@@ -299,14 +316,9 @@ def _group_norm_forward_kernel(
     mode,  # MODE_FUSED, MODE_STATS or MODE_APPLY
     BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    chunk = tl.program_id(1)
-    pixel_blocks = tl.cdiv(pixels, BLOCK_PIXELS)
-    first_block = chunk * pixel_blocks_per_chunk
-    end_block = tl.minimum(first_block + pixel_blocks_per_chunk, pixel_blocks)
-    packs_per_batch = groups // groups_per_pack
-    pack_rows, pixels = _aligned_runs(groups_per_pack * channels_per_group, pixels, CHANNELS_LAST, ALIGN)
-    row_blocks = tl.cdiv(pack_rows, BLOCK_ROWS)
-    all_rows = num_packs * pack_rows  # B * C: row stride of the chunk statistics
+    chunk, first_block, end_block, packs_per_batch, pack_rows, pixels, row_blocks, all_rows = _program_extent(
+        pixels, channels_per_group, groups, num_packs, groups_per_pack, pixel_blocks_per_chunk, BLOCK_ROWS,
+        BLOCK_PIXELS, CHANNELS_LAST, ALIGN)
     lane = tl.arange(0, BLOCK_ROWS)
     for pack in range(tl.program_id(0), num_packs, tl.num_programs(0)):
         batch = pack // packs_per_batch
@@ -392,14 +404,9 @@ def _group_norm_backward_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     GRAD_STRIDES: tl.constexpr,  # grad_y has strides of its own (gradient_rows): read through them
 ):
-    chunk = tl.program_id(1)
-    pixel_blocks = tl.cdiv(pixels, BLOCK_PIXELS)
-    first_block = chunk * pixel_blocks_per_chunk
-    end_block = tl.minimum(first_block + pixel_blocks_per_chunk, pixel_blocks)
-    packs_per_batch = groups // groups_per_pack
-    pack_rows, pixels = _aligned_runs(groups_per_pack * channels_per_group, pixels, CHANNELS_LAST, ALIGN)
-    row_blocks = tl.cdiv(pack_rows, BLOCK_ROWS)
-    all_rows = num_packs * pack_rows
+    chunk, first_block, end_block, packs_per_batch, pack_rows, pixels, row_blocks, all_rows = _program_extent(
+        pixels, channels_per_group, groups, num_packs, groups_per_pack, pixel_blocks_per_chunk, BLOCK_ROWS,
+        BLOCK_PIXELS, CHANNELS_LAST, ALIGN)
     group_size = (channels_per_group * pixels).to(tl.float32)
     for pack in range(tl.program_id(0), num_packs, tl.num_programs(0)):
         batch = pack // packs_per_batch

@@ -83,7 +83,7 @@ def _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, li
         offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
         # The next pass reads this tile again: ask L2 to keep it.
         x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_last"))
+                               eviction_policy="evict_last"))
         lane_squares += x * x
     return tl.sum(lane_squares, 0)
 
@@ -99,6 +99,39 @@ def _channel_coefficients(g_ptr, scale_ptr, shift_ptr, batch, channel, valid, sq
                                              shift_batch_stride, shift_channel_stride, has_scale, has_shift,
                                              dtype_code_of(dtype_codes, 1), dtype_code_of(dtype_codes, 2))
     return g * sqrt_channels * one_plus_scale, shift
+
+
+@triton.jit
+def _channel_block(g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
+                   batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+                   shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr):
+    """The tile of channel block `channel_block` over the program's pixels: (channel, channel_valid, mask,
+    offsets, coefficient, shift), the (channels,) indices and validity, the [channels, pixels] mask and element
+    offsets, and the per-channel (coefficient, shift) of _channel_coefficients."""
+    channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_valid = channel < channels
+    coefficient, shift = _channel_coefficients(
+        g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels, scale_batch_stride,
+        scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift)
+    mask = channel_valid[:, None] & pixel_valid[None, :]
+    offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+    return channel, channel_valid, mask, offsets, coefficient, shift
+
+
+@triton.jit
+def _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride, grad_batch_stride,
+                   grad_line_stride, rinv, coefficient, shift, silu, eviction_policy: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """One backward tile: (v, du), v = x * rinv and du = dL/d(pre-activation), [channels, pixels] fp32 (0 where
+    masked), from x and grad_y (through its own strides, gradient_rows) read with `eviction_policy`."""
+    x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                           eviction_policy=eviction_policy))
+    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
+                                           grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN, True)
+    grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy=eviction_policy))
+    v = x * rinv[None, :]
+    return v, activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
 
 
 @triton.jit
@@ -124,20 +157,16 @@ def _rms_norm_forward_kernel(
                                      BLOCK_CHANNELS, CHANNELS_LAST, ALIGN)
     rinv = 1.0 / tl.maximum(tl.sqrt(sum_of_squares), eps)
     for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-        channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
-        channel_valid = channel < channels
-        coefficient, shift = _channel_coefficients(
-            g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
-            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale,
-            has_shift)
-        mask = channel_valid[:, None] & pixel_valid[None, :]
-        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
+        _, _, mask, offsets, coefficient, shift = _channel_block(
+            g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
+            batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+            shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, CHANNELS_LAST)
         x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_first"))
+                               eviction_policy="evict_first"))
         y = activation(x * rinv[None, :] * coefficient[:, None] + shift[:, None], silu)
         if has_residual:
-            y += to_float32(tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                         eviction_policy="evict_first"))
+            y += to_float32(tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
+                                    other=0.0, eviction_policy="evict_first"))
         tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -171,22 +200,14 @@ def _rms_norm_backward_kernel(
     # per-channel sums for the parameter gradients.
     lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)
     for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-        channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
-        channel_valid = channel < channels
-        coefficient, shift = _channel_coefficients(
-            g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
-            scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale,
-            has_shift)
-        mask = channel_valid[:, None] & pixel_valid[None, :]
-        offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-        x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                    eviction_policy="evict_last"))
-        grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
-                                               grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN,
-                                               True)
-        grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_last"))
-        v = x * rinv[None, :]
-        du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
+        channel, channel_valid, mask, offsets, coefficient, shift = _channel_block(
+            g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
+            batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+            shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, CHANNELS_LAST)
+        # Pass 3 reads this tile again: ask L2 to keep it.
+        v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
+                               grad_batch_stride, grad_line_stride, rinv, coefficient, shift, silu, "evict_last",
+                               CHANNELS_LAST, ALIGN)
         lane_dot += du * coefficient[:, None] * v
         partial = (batch * pixel_blocks + program % pixel_blocks).to(tl.int64) * all_channels + channel
         tl.store(partial_du_xhat_ptr + partial, tl.sum(du * v, 1) * sqrt_channels, mask=channel_valid)
@@ -196,22 +217,13 @@ def _rms_norm_backward_kernel(
         # Where the clamp max(||x||, eps) picks eps, rinv does not depend on x: no second term.
         dot = tl.where(norm >= eps, dot, 0.0)
         for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-            channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
-            channel_valid = channel < channels
-            coefficient, shift = _channel_coefficients(
-                g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels,
-                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                dtype_codes, has_scale, has_shift)
-            mask = channel_valid[:, None] & pixel_valid[None, :]
-            offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-            x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                        eviction_policy="evict_first"))
-            grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
-                                                   grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN,
-                                                   True)
-            grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy="evict_first"))
-            v = x * rinv[None, :]
-            du = activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
+            _, _, mask, offsets, coefficient, shift = _channel_block(
+                g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
+                batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+                shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, CHANNELS_LAST)
+            v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
+                                   grad_batch_stride, grad_line_stride, rinv, coefficient, shift, silu,
+                                   "evict_first", CHANNELS_LAST, ALIGN)
             grad_x = rinv[None, :] * (du * coefficient[:, None] - v * dot[None, :])
             tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN), grad_x.to(grad_x_ptr.dtype.element_ty),
                      mask=mask, eviction_policy="evict_first")

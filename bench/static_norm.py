@@ -102,7 +102,10 @@ def _parameter_grads_rows(device, launches, label):
         batch, channels = (_argument(launch, name) for name in ("batch", "channels"))
         tile = launch.kwargs["BLOCK_BATCH"] * launch.kwargs["BLOCK_CHANNELS"]
         sum_bytes = 2 * batch * channels * 4
-        rows.append(report.kernel_row(f"{label} parameter grads", launch, device, tile_elements=tile,
+        # A few programs whose time is their steps' load latency, not bytes or issue: say how many steps.
+        steps = -(-batch // launch.kwargs["BLOCK_BATCH"])
+        rows.append(report.kernel_row(f"{label} parameter grads ({steps} step{'s' if steps > 1 else ''})", launch,
+                                      device, tile_elements=tile,
                                       elements=batch * channels, element_size=4,
                                       bytes_moved=sum_bytes, bytes_minimum=sum_bytes))
     return rows

@@ -132,7 +132,11 @@ def compile_for_archs(module_name, archs=ARCHS, workers=2):
     records = {}
     for arch in archs:
         dealt = [parts[arch, part] for part in range(workers)]
-        records[arch] = [dealt[i % workers][i // workers] for i in range(sum(map(len, dealt)))]
+        total = sum(map(len, dealt))
+        if all(len(records_) == len(range(part, total, workers)) for part, records_ in enumerate(dealt)):
+            records[arch] = [dealt[i % workers][i // workers] for i in range(total)]
+        else:  # a part came back short: keep what came, for the caller's count check to report
+            records[arch] = [record for records_ in dealt for record in records_]
     return records
 
 

@@ -30,10 +30,11 @@ print("torch", torch.__version__, "triton", triton.__version__)
 print("commit", subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip())
 PY
 
-# Files with a test that skips without CUDA; their other tests run on the GPU too.
-cuda_test_files=$(grep -l "cuda.is_available()" tests/test_*.py)
-stage 160 tests python -m pytest $cuda_test_files -q -rs -x -p no:cacheprovider
-stage 220 bench-unet env FASTUNET_BENCH_BUILD_BUDGET_S=60 python -m pytest bench/bench_unet.py --benchmark-only -q
-stage 110 bench-kernels python -m pytest bench/ --benchmark-only -q --ignore=bench/bench_unet.py
+# Files with a test that skips without CUDA; their other tests run on the GPU too. The norms' CUDA tests first:
+# their GPU paths (fast SiLU, inline PTX, the plans of real shapes) have never run anywhere else.
+cuda_test_files="tests/test_norms_cuda.py $(grep -l "cuda.is_available()" tests/test_*.py | grep -v test_norms_cuda)"
+stage 200 tests python -m pytest $cuda_test_files -q -rs -x -p no:cacheprovider
+stage 190 bench-unet env FASTUNET_BENCH_BUILD_BUDGET_S=60 python -m pytest bench/bench_unet.py --benchmark-only -q
+stage 100 bench-kernels python -m pytest bench/ --benchmark-only -q --ignore=bench/bench_unet.py
 stage 20 report python bench/report.py
 exit "$status"

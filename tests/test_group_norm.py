@@ -343,11 +343,13 @@ def test_torch_compile(device):
 
 
 # One 4-byte value kept in local memory is allowed, because where it sits was read in the SASS: with triton 3.6 in
-# six kernels on sm_90, and with triton 3.8 in the 16-bit aligned backward kernels on sm_80 since the parameters'
+# six kernels on sm_90, and with triton 3.8 in the 16-bit aligned backward kernels on sm_80 after the parameters'
 # runtime dtype codes (kernels/scale_shift_act.py) joined the live scalars: one STL in the prologue and LDLs only in
 # the outermost, persistent loop over packs (at its head and between phase A and phase B), i.e. one L1 load per
 # group of up to 512 KB, never in a tile loop (bench/static_report.py's loop finder, sm_80, 32x64x64x64 bf16: the
-# LDLs at 0x690 and 0x4bb0, the tile loops at 0x2690-0x4550 and 0x6050-0x7d30). Anything more fails.
+# LDLs at 0x690 and 0x4bb0, the tile loops at 0x2690-0x4550 and 0x6050-0x7d30). Anything more fails. Since the
+# backward's per-lane sums (2026-12-01) the triton 3.8 builds spill nothing on any of the five architectures; the
+# triton 3.6 builds were not rechecked, so the allowance stays.
 SPILL_BYTES_ALLOWED = 4
 
 

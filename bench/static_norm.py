@@ -104,10 +104,9 @@ def _parameter_grads_rows(device, launches, label):
         sum_bytes = 2 * batch * channels * 4
         # A few programs whose time is their steps' load latency, not bytes or issue: say how many steps.
         steps = -(-batch // launch.kwargs["BLOCK_BATCH"])
-        rows.append(report.kernel_row(f"{label} parameter grads ({steps} step{'s' if steps > 1 else ''})", launch,
-                                      device, tile_elements=tile,
-                                      elements=batch * channels, element_size=4,
-                                      bytes_moved=sum_bytes, bytes_minimum=sum_bytes))
+        label_steps = f"{label} parameter grads ({steps} step{'s' if steps > 1 else ''})"
+        rows.append(report.kernel_row(label_steps, launch, device, tile_elements=tile, elements=batch * channels,
+                                      element_size=4, bytes_moved=sum_bytes, bytes_minimum=sum_bytes))
     return rows
 
 

@@ -892,8 +892,7 @@ def _packed_attention_forward_fake(qkv, mem_kv, heads, scale):
 def packed_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, mem_kv: torch.Tensor,
                               lse: torch.Tensor, heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward kernels on the to_qkv output. grad_out (B, heads*d, H, W) any strides. Returns d qkv
-    (B, 3*heads*d, H, W) in qkv.dtype and layout (empty_output), one tensor (autograd joins nothing), and
-    d mem_kv
+    (B, 3*heads*d, H, W) in qkv.dtype and layout (empty_output), one tensor (autograd joins nothing), and d mem_kv
     (2, heads, M, d) in mem_kv's dtype and strides (after model.to(memory_format=torch.channels_last) the 4-D
     parameter is channels_last, and a gradient of other strides would be copied by autograd's accumulation)."""
     q, k, v = _qkv_views(qkv, heads)

@@ -333,9 +333,9 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
     """Backward launcher: gradients of rms_norm_forward's y (a residual's gradient is grad_y itself).
 
     needs: which of (x, g, scale, shift, scale_shift) want a gradient. Returns (dx, dg, d_scale, d_shift,
-    d_scale_shift) in each input's dtype (dx in kernel_memory_format(x)), None where not needed. Two launches: dx
-    and per-program sums, then the parameter gradients (parameter_grads: an ATen sum over the programs of a batch,
-    then one launch).
+    d_scale_shift) in each input's dtype (dx in kernel_memory_format(x)), None where not needed. Two Triton launches:
+    dx and per-program sums, then the parameter gradients (parameter_grads, after an ATen sum of the per-program
+    sums of each batch).
     """
     need_x, need_g, need_scale, need_shift, need_scale_shift = needs
     memory_format = kernel_memory_format(x)

@@ -56,7 +56,7 @@ TRITON_ON_CPU_REASON = ("fastunet's Triton kernels run on CPU only under the int
 class Provider:
     """One way of running the step. implementation: "upstream" or "fastunet"; backend: fastunet's
     use_backend name (None for upstream); precision: "fp32" or "bf16" (autocast); compile_mode: None (eager),
-    "default" or "reduce-overhead" (CUDA graphs)."""
+    "default" or "reduce-overhead" (CUDA graphs); checkpointing: fastunet.Unet's checkpointing mode."""
 
     name: str
     implementation: str
@@ -64,6 +64,7 @@ class Provider:
     backend: str = None
     compile_mode: str = None
     skip_on_cpu: str = None
+    checkpointing: object = None
 
     @property
     def baseline(self):
@@ -74,7 +75,8 @@ class Provider:
         ran = "upstream 2.3.4" if self.backend is None else f"fastunet, backend {self.backend!r}"
         how = "eager" if self.compile_mode is None else f"torch.compile(mode={self.compile_mode!r})"
         precision = "fp32" if self.precision == "fp32" else "bf16 autocast"
-        return f"{ran}, {how}, {precision}"
+        checkpointing = "" if self.checkpointing is None else f", checkpointing={self.checkpointing!r}"
+        return f"{ran}, {how}, {precision}{checkpointing}"
 
 
 PROVIDERS = [
@@ -84,6 +86,8 @@ PROVIDERS = [
     Provider("fastunet-reference-fp32", "fastunet", "fp32", backend="reference"),
     Provider("fastunet-reference-bf16", "fastunet", "bf16", backend="reference"),
     Provider("fastunet-triton-bf16", "fastunet", "bf16", backend="triton", skip_on_cpu=TRITON_ON_CPU_REASON),
+    Provider("fastunet-triton-selective-bf16", "fastunet", "bf16", backend="triton", skip_on_cpu=TRITON_ON_CPU_REASON,
+             checkpointing="selective"),
     Provider("fastunet-triton-compile-bf16", "fastunet", "bf16", backend="triton", compile_mode="default",
              skip_on_cpu=TRITON_ON_CPU_REASON),
     Provider("fastunet-triton-cudagraphs-bf16", "fastunet", "bf16", backend="triton",
@@ -110,7 +114,7 @@ def build_model(provider):
 
         model = Unet(**MODEL_CONFIG)
     else:
-        model = fastunet.Unet(**MODEL_CONFIG, block_norm="rms")
+        model = fastunet.Unet(**MODEL_CONFIG, block_norm="rms", checkpointing=provider.checkpointing)
     model.load_state_dict(copy.deepcopy(upstream_weights()))
     return model.to(DEVICE)
 

@@ -7,8 +7,10 @@ The count is what a GPU run of the same code would launch, one kernel for each o
   once however many ops they dispatch to, as the one kernel (a GEMM, a cast) they launch on a GPU.
 Left out, because they launch nothing on a GPU: views and metadata changes (`view`, `chunk`, `as_strided`,
 `set_`, ...), plain allocations (`empty`, `empty_like`, ...), ops that turn out to be no-ops (an `aten::to` to the
-dtype a tensor already has, `contiguous` on a contiguous tensor: no computing op beneath them), and everything the
-Triton interpreter does inside a launch (its copies of each argument to and from numpy).
+dtype a tensor already has, `contiguous` on a contiguous tensor: no computing op beneath them), ops that selective
+activation checkpointing's recomputation answers from the outputs it kept (a kept convolution called again in the
+backward), and everything the Triton interpreter does inside a launch (its copies of each argument to and from
+numpy).
 
 A convolution counts as one kernel although cuDNN may split it; a fused optimizer step counts once per
 `_foreach_*` op. So the count is a lower bound on what a GPU profiler sees, comparable between implementations.
@@ -26,6 +28,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 TRITON_PREFIX = "triton::"
+# Marks an op that selective checkpointing's recomputation answered from its cache (_cached_recomputations).
+CACHED = "checkpoint::cached"
 
 # ATen ops that compute nothing on a GPU unless an op beneath them does: views, metadata, allocations and
 # conditional copies. Every other ATen op is a kernel.
@@ -88,6 +92,41 @@ def _named_triton_launches():
             cls.run = original
 
 
+@contextlib.contextmanager
+def _cached_recomputations():
+    """Mark in the profile every op output that a selective-checkpoint recomputation takes from its cache instead
+    of computing it: torch.utils.checkpoint returns each such output through _VersionWrapper.get_val (a private
+    class; without it, nothing is marked and those ops count as kernels)."""
+    wrapper = getattr(torch.utils.checkpoint, "_VersionWrapper", None)
+    original = getattr(wrapper, "get_val", None)
+    if original is None:
+        yield
+        return
+
+    def get_val(self, *args, **kwargs):
+        with record_function(CACHED):
+            return original(self, *args, **kwargs)
+
+    wrapper.get_val = get_val
+    try:
+        yield
+    finally:
+        wrapper.get_val = original
+
+
+def _answered_by_checkpoint(event):
+    """Whether checkpointing answered (part of) an ATen op without computing it: from its cache (a CACHED mark
+    beneath), or by stopping the recomputation once the op had saved its inputs (nothing but detaches beneath:
+    the early stop of torch.utils.checkpoint, at a region's last op)."""
+    children = event.cpu_children
+    if event.name == CACHED:
+        return True
+    if event.name.startswith("aten::") and children and all(child.name == "aten::detach" for child in children):
+        return True
+    return any(_answered_by_checkpoint(child) for child in children
+               if child.name.startswith("aten::") or child.name in (CACHED, "PythonDispatchMode"))
+
+
 def _computes(event):
     """Whether an ATen event launches a kernel: an op outside NON_KERNEL_OPS (`aten::mm` computes itself, beside
     the metadata ops it calls), or one inside it with a computing op or a Triton launch beneath it."""
@@ -100,10 +139,12 @@ def _computes(event):
 def _count(event, counter):
     if event.name.startswith(TRITON_PREFIX):
         counter[event.name] += 1
-    elif event.name.startswith("aten::"):
+    elif event.name.startswith("aten::") and not _answered_by_checkpoint(event):
         if _computes(event):
             counter[event.name] += 1
-    else:  # Python ranges, autograd engine nodes, custom ops: their ATen ops and launches are the kernels
+    elif event.name != CACHED:
+        # Python ranges, autograd engine nodes, custom ops: their ATen ops and launches are the kernels. So are
+        # those beneath an op answered from the checkpoint cache (autocast's casts of a kept convolution's inputs).
         for child in event.cpu_children:
             _count(child, counter)
 
@@ -111,7 +152,7 @@ def _count(event, counter):
 def count_gpu_kernels(fn, *args, **kwargs):
     """Run fn(*args, **kwargs) once under the profiler and count the GPU kernels it launches (see the module
     docstring). Returns a KernelCount; fn's result is discarded."""
-    with _named_triton_launches(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _named_triton_launches(), _cached_recomputations(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn(*args, **kwargs)
     counter = collections.Counter()
     for event in prof.events():

@@ -2,8 +2,9 @@
 
 Both take the to_qkv convolution's output whole (fastunet.functional.packed_attention / packed_linear_attention):
 the kernels read q, k, v through its strides and write its gradient as one tensor, so autograd splits and joins
-nothing. forward(x, residual=None): `residual`, when given, is added to the layer's output (the Unet's
-`attn(x) + x`), fused into LinearAttention's output norm where the norm op takes it.
+nothing. forward(x, residual=None, *, recompute=None): `residual`, when given, is added to the layer's output
+(the Unet's `attn(x) + x`), fused into LinearAttention's output norm where the norm op takes it; `recompute` says
+what the backward recomputes instead of keeping it (recompute_in_backward).
 """
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from fastunet import functional
 from fastunet.checks import check_module_input
 from fastunet.layers import RMSNorm
+from fastunet.recompute import draws_random_numbers, keep_only_convolutions, recompute_when_saved, saving_recipes
 
 
 class LinearAttention(nn.Module):
@@ -30,17 +32,27 @@ class LinearAttention(nn.Module):
         self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
         self.to_out = nn.Sequential(nn.Conv2d(hidden_dim, dim, 1), RMSNorm(dim))
 
-    def forward(self, x, residual=None):
-        """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given."""
+    def forward(self, x, residual=None, *, recompute=None):
+        """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given. recompute: see
+        recompute_in_backward."""
         check_module_input(type(self).__name__, x, self.to_qkv.weight)
-        qkv = self.to_qkv(self.norm(x))
         projection, norm = self.to_out
-        out = projection(functional.packed_linear_attention(qkv, self.mem_kv, self.heads))
+        out = recompute_in_backward(self, x, recompute, projection)
         if residual is None:
             return norm(out)
         if residual.dtype == out.dtype and residual.shape == out.shape:
             return norm(out, residual=residual)  # added inside the norm's kernel: one launch and pass fewer
         return norm(out) + residual
+
+    def _project(self, x, recompute=False):
+        """to_out's convolution of the attention of norm(x): (B, dim, H, W) -> (B, dim, H, W), before to_out's norm.
+        recompute: mark the norm's and the core's outputs for recomputation (recompute_in_backward)."""
+        normed = self.norm(x)
+        qkv = self.to_qkv(recompute_when_saved(normed, self.norm, x) if recompute else normed)
+        out = functional.packed_linear_attention(qkv, self.mem_kv, self.heads)
+        if recompute:
+            recompute_when_saved(out, functional.packed_linear_attention, qkv, self.mem_kv, self.heads)
+        return self.to_out[0](out)
 
 
 class Attend(nn.Module):
@@ -100,8 +112,41 @@ class Attention(nn.Module):
     def flash(self, value):
         self.attend.flash = value
 
-    def forward(self, x, residual=None):
-        """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given."""
+    def forward(self, x, residual=None, *, recompute=None):
+        """x (B, dim, H, W) -> (B, dim, H, W); plus `residual` (B, dim, H, W) when given. recompute: see
+        recompute_in_backward."""
         check_module_input(type(self).__name__, x, self.to_qkv.weight)
-        out = self.to_out(self.attend(self.to_qkv(self.norm(x)), self.mem_kv, self.heads))
+        out = recompute_in_backward(self, x, recompute, self.to_out)
         return out if residual is None else out + residual
+
+    def _project(self, x, recompute=False):
+        """to_out of the attention of norm(x): (B, dim, H, W) -> (B, dim, H, W). recompute: mark the norm's and,
+        without dropout, the core's outputs for recomputation (recompute_in_backward)."""
+        normed = self.norm(x)
+        qkv = self.to_qkv(recompute_when_saved(normed, self.norm, x) if recompute else normed)
+        out = self.attend(qkv, self.mem_kv, self.heads)
+        if recompute and not draws_random_numbers(self.attend):
+            recompute_when_saved(out, self.attend, qkv, self.mem_kv, self.heads)
+        return self.to_out(out)
+
+
+RECOMPUTE = (None, "core", "layer")
+
+
+def recompute_in_backward(layer, x, recompute, projection):
+    """layer._project(x) (norm, to_qkv, attention core, the `projection` out), keeping for the backward:
+    - recompute=None: everything its backward needs;
+    - "core": x and both convolutions' outputs; the norm and the attention core are recomputed (memory-bound, or
+      for full attention small at the Unet's sizes). In eager execution by recipes, under torch.compile by a
+      selective-checkpoint region (fastunet.recompute);
+    - "layer": x and the projection's output; the to_qkv convolution is recomputed too.
+    Same values and gradients (fastunet.recompute)."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"{type(layer).__name__}: expected recompute in {RECOMPUTE}, got {recompute!r}")
+    if recompute is None:
+        return layer._project(x)
+    if recompute == "core" and not torch.compiler.is_compiling():
+        with saving_recipes():
+            return layer._project(x, recompute=True)
+    kept, others = ((layer.to_qkv, projection), ()) if recompute == "core" else ((projection,), (layer.to_qkv,))
+    return keep_only_convolutions(layer._project, x, kept=kept, others=others, random=draws_random_numbers(layer))

@@ -9,6 +9,7 @@ from torch import nn
 
 from fastunet import functional
 from fastunet.checks import check_module_input
+from fastunet.recompute import draws_random_numbers, keep_only_convolutions, recompute_when_saved, saving_recipes
 
 BLOCK_NORMS = ("group", "rms")
 
@@ -112,11 +113,20 @@ class Block(nn.Module):
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, scale_shift=None, residual=None):
+    def forward(self, x, scale_shift=None, residual=None, *, recompute=False):
         """residual: (B, dim_out, H, W) or None, added to the output (a ResnetBlock's res_conv(x)); fused into the
-        norm's kernel unless dropout is active or its dtype differs (then added after, with type promotion)."""
+        norm's kernel unless dropout is active or its dtype differs (then added after, with type promotion).
+        recompute: True to have a backward that keeps the output recompute it from the convolution's output
+        instead (fastunet.recompute.recompute_when_saved; not while dropout is active)."""
         check_module_input("Block", x, self.proj.weight)
-        x = self.proj(x)
+        h = self.proj(x)
+        out = self.activate(h, scale_shift, residual)
+        if recompute and not draws_random_numbers(self):
+            recompute_when_saved(out, self.activate, h, scale_shift, residual)
+        return out
+
+    def activate(self, x, scale_shift=None, residual=None):
+        """Everything after the convolution: norm, scale/shift, SiLU, dropout, + residual, of x (B, dim_out, H, W)."""
         fused = residual if residual is not None and residual.dtype == x.dtype and not (
             self.training and self.dropout.p > 0) else None
         if self.block_norm == "group":
@@ -171,12 +181,28 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out, groups=groups, block_norm=block_norm)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
-    def forward(self, x, time_emb=None, *, scale_shift=None):
+    def forward(self, x, time_emb=None, *, scale_shift=None, recompute=False):
         """scale_shift: this block's (scale, shift), each (B, dim_out), already computed from time_emb by the caller
-        (fastunet.Unet runs every block's time MLP as one GEMM, time_mlp_scale_shifts); time_emb is then unused."""
+        (fastunet.Unet runs every block's time MLP as one GEMM, time_mlp_scale_shifts); time_emb is then unused.
+
+        recompute: True to keep the two 3x3 convolutions' outputs for the backward but not block1's activation
+        (norm, scale/shift, SiLU), which the backward then recomputes from the first one (fastunet.recompute):
+        one activation less kept per block, same values and gradients. fastunet.Unet sets it on its Triton path.
+        """
         if scale_shift is None and self.mlp is not None and time_emb is not None:
             check_module_input("ResnetBlock", time_emb, self.mlp[1].weight, ndim=2)
             # Views of the (B, 2 * dim_out) MLP output; the fused op reads them through their strides.
             scale_shift = self.mlp(time_emb).chunk(2, dim=1)
-        h = self.block1(x, scale_shift=scale_shift)
-        return self.block2(h, residual=self.res_conv(x))
+        if recompute and torch.compiler.is_compiling():
+            # The same saving as a region for torch.compile, which cannot carry the eager recipes. block2's norm
+            # stays outside the region: its output is the block's, which the next layer keeps anyway.
+            h = keep_only_convolutions(self._convolutions, x, scale_shift, kept=(self.block1.proj, self.block2.proj),
+                                       random=draws_random_numbers(self.block1))
+            return self.block2.activate(h, residual=self.res_conv(x))
+        with saving_recipes(enabled=recompute):
+            h = self.block1(x, scale_shift=scale_shift, recompute=recompute)
+            return self.block2(h, residual=self.res_conv(x))
+
+    def _convolutions(self, x, scale_shift):
+        """block1, then block2's convolution: (B, dim, H, W) -> (B, dim_out, H, W), before block2's norm."""
+        return self.block2.proj(self.block1(x, scale_shift=scale_shift))

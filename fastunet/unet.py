@@ -4,11 +4,11 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from fastunet.attention import Attention, LinearAttention
-from fastunet.backend import requested_backend
+from fastunet.backend import requested_backend, use_triton
 from fastunet.checks import check_finite, describe, dtype_name
+from fastunet.recompute import draws_random_numbers, keep_only_convolutions
 from fastunet.layers import (
     BLOCK_NORMS,
     time_mlp_scale_shifts,
@@ -24,20 +24,18 @@ from fastunet.layers import (
 _CONVERSIONS = {torch.float16: "half()", torch.bfloat16: "bfloat16()", torch.float32: "float()", torch.float64: "double()"}
 
 
-CHECKPOINTING = (None, "selective", "full")
-# What checkpointing="selective" keeps from the forward: the convolutions' outputs (and the GEMMs'). Everything
-# else in a checkpointed region (the fused norms + scale/shift + SiLU, attention, residual adds, casts) is recomputed
-# in the backward from them: those ops are memory-bound and cheap to redo, the convolutions are not.
-_KEPT_OPS = {torch.ops.aten.convolution.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-
-
-def _keep_convolutions(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _residual(module, x):
-    """attn(x) + x, the addition fused into the layer's last kernel where it has one (LinearAttention's output norm)."""
-    return module(x, residual=x)
+CHECKPOINTING = (None, "selective", "full", False)
+# What each mode recomputes in the backward (fastunet.recompute): the ResnetBlocks' `recompute` (block1's
+# activation), the attention layers' `recompute` (fastunet.attention.recompute_in_backward), and whether each
+# ResnetBlock is recomputed whole from its input. The default mode recomputes on the Triton path only: there each
+# recomputed op is one memory-bound kernel, while on the reference path it is several ATen ops, and the CPU
+# training step would be slower than upstream's (measured 1.26x with it, at bench/bench_unet.py's CPU size).
+_RECOMPUTE = {
+    None: (True, "core", False),
+    "selective": (True, "layer", False),
+    "full": (False, "layer", True),
+    False: (False, None, False),
+}
 
 
 def _per_stage(value, num_stages, name):
@@ -54,9 +52,15 @@ class Unet(nn.Module):
     - resnet_block_groups: GroupNorm groups of each Block (block_norm="group"), as upstream <= 1.11.1.
     - block_norm: "group" (default; GroupNorm, loads upstream 1.9-1.11.1 checkpoints) or "rms" (channel RMSNorm,
       exactly upstream 2.x; loads 2.x checkpoints).
-    - checkpointing: None (default: keep what the backward needs), "selective" (keep the convolution outputs,
-      recompute the fused norms, activations and attention in the backward) or "full" (recompute each ResnetBlock
-      from its input). Same gradients; less memory for more backward time. Only while gradients are enabled.
+    - checkpointing: what the backward recomputes instead of keeping it from the forward (fastunet.recompute),
+      with the same values and gradients in every mode, and only while gradients are enabled:
+      - None (default): the memory-bound ops between convolutions whose outputs only a convolution's backward
+        reads: each ResnetBlock's first norm + scale/shift + SiLU, and the attention layers' pre-norms and
+        attention cores. No convolution is recomputed.
+      - "selective": that, and the attention layers' to_qkv convolutions: every ResnetBlock convolution's output
+        is kept, the attention layers keep only their input and output.
+      - "full": each ResnetBlock recomputed from its input, and the attention layers as in "selective".
+      - False: nothing; every activation the backward needs is kept (the most memory, the least backward work).
 
     forward(x, time, x_self_cond=None): x (B, channels, H, W) in the model's dtype (any float dtype under
     autocast), H and W divisible by downsample_factor; time (B,), (1,) or () of any int or float dtype, finite;
@@ -283,18 +287,22 @@ class Unet(nn.Module):
         blocks += [block for block1, block2, _, _ in self.ups for block in (block1, block2)]
         return blocks + [self.final_res_block]
 
+    def _recompute(self, x):
+        """This forward's (ResnetBlock recompute, attention recompute, whole blocks) for input x."""
+        block, attention, whole = _RECOMPUTE[self.checkpointing]
+        if self.checkpointing is None and not use_triton("Unet", x.device):
+            return False, None, False
+        return block, attention, whole
+
     def _run_block(self, block, x, scale_shift):
-        if self.checkpointing is None or not torch.is_grad_enabled():
-            return block(x, scale_shift=scale_shift)
-        return checkpoint(block, x, use_reentrant=False, context_fn=self._checkpoint_context, scale_shift=scale_shift)
+        recompute, _, whole = self._recompute(x)
+        if whole:
+            return keep_only_convolutions(block, x, kept=None, random=draws_random_numbers(block),
+                                          scale_shift=scale_shift)
+        return block(x, scale_shift=scale_shift, recompute=recompute)
 
     def _run_attention(self, attn, x):
-        """attn(x) + x; under checkpointing="selective" its norm, attention core and output are recomputed."""
-        if self.checkpointing != "selective" or not torch.is_grad_enabled():
-            return _residual(attn, x)
-        return checkpoint(_residual, attn, x, use_reentrant=False, context_fn=self._checkpoint_context)
-
-    def _checkpoint_context(self):
-        if self.checkpointing == "selective":
-            return create_selective_checkpoint_contexts(_keep_convolutions)
-        return noop_context_fn()
+        """attn(x) + x, the addition fused into the layer's last kernel where it has one (LinearAttention's output
+        norm)."""
+        _, recompute, _ = self._recompute(x)
+        return attn(x, residual=x, recompute=recompute)

@@ -187,7 +187,8 @@ class ResnetBlock(nn.Module):
 
         recompute: True to keep the two 3x3 convolutions' outputs for the backward but not block1's activation
         (norm, scale/shift, SiLU), which the backward then recomputes from the first one (fastunet.recompute):
-        one activation less kept per block, same values and gradients. fastunet.Unet sets it on its Triton path.
+        one activation less kept per block, same values and gradients. fastunet.Unet sets it by default on its
+        Triton path, and with checkpointing="selective".
         """
         if scale_shift is None and self.mlp is not None and time_emb is not None:
             check_module_input("ResnetBlock", time_emb, self.mlp[1].weight, ndim=2)

@@ -97,6 +97,8 @@ class _Recipe:
         self.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
     def recompute(self):
+        # Without a graph: autograd gives the unpacked tensor the saved one's place in the graph, so a backward
+        # that builds a graph itself (create_graph=True) still reaches the recipe's inputs through it.
         enabled, dtype = self.autocast
         with torch.no_grad(), use_backend(self.backend), torch.autocast(self.device_type, dtype, enabled=enabled):
             return self.function(*self.args)
@@ -118,7 +120,7 @@ def saving_recipes(enabled=True):
     under torch.compile."""
     if not enabled or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer = _hooks_in_force()
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
     def pack(saved):
@@ -133,3 +135,13 @@ def saving_recipes(enabled=True):
         return packed if outer_unpack is None else outer_unpack(packed[0])
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _hooks_in_force():
+    """The (pack, unpack) saved-tensor hooks in force, or None. A private torch function whose argument (whether
+    to look past Dynamo's tracing) is recent; older torch takes none."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False)
+    except TypeError:
+        return top()

@@ -54,9 +54,10 @@ class Unet(nn.Module):
       exactly upstream 2.x; loads 2.x checkpoints).
     - checkpointing: what the backward recomputes instead of keeping it from the forward (fastunet.recompute),
       with the same values and gradients in every mode, and only while gradients are enabled:
-      - None (default): the memory-bound ops between convolutions whose outputs only a convolution's backward
-        reads: each ResnetBlock's first norm + scale/shift + SiLU, and the attention layers' pre-norms and
-        attention cores. No convolution is recomputed.
+      - None (default): on the Triton path, the memory-bound ops between convolutions whose outputs only a
+        convolution's backward reads: each ResnetBlock's first norm + scale/shift + SiLU, and the attention
+        layers' pre-norms and attention cores. No convolution is recomputed. The reference path recomputes
+        nothing by default (see _RECOMPUTE).
       - "selective": that, and the attention layers' to_qkv convolutions: every ResnetBlock convolution's output
         is kept, the attention layers keep only their input and output.
       - "full": each ResnetBlock recomputed from its input, and the attention layers as in "selective".

@@ -60,3 +60,29 @@ def test_dropout_counts_only_when_it_drops():
     x = torch.randn(4, 6)
     assert count_gpu_kernels(lambda: torch.nn.functional.dropout(x, p=0.5, training=True)).total == 1
     assert count_gpu_kernels(lambda: torch.nn.functional.dropout(x, p=0.5, training=False)).total == 0
+
+
+def test_checkpoint_recomputation_counts_only_what_it_computes():
+    # A selective-checkpoint region that keeps both convolutions' outputs recomputes only the relu between them:
+    # its recomputation's convolution calls are answered from the cache (the first) or stopped once they have
+    # saved their inputs (the last), and launch nothing. A region that keeps nothing recomputes the first
+    # convolution too.
+    from fastunet.recompute import keep_only_convolutions
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+
+    def region(x):
+        return second(torch.relu(first(x)))
+
+    def counted(kept):
+        for p in (x, *first.parameters(), *second.parameters()):
+            p.grad = None  # so that every run writes its gradients alike, with no accumulation
+        run = (lambda: region(x)) if kept == "plain" else (lambda: keep_only_convolutions(region, x, kept=kept))
+        return count_gpu_kernels(lambda: run().sum().backward()).by_name
+
+    plain, kept_both, kept_none = counted("plain"), counted((first, second)), counted(None)
+    assert (plain["aten::conv2d"], kept_both["aten::conv2d"], kept_none["aten::conv2d"]) == (2, 2, 3)
+    assert (plain["aten::relu"], kept_both["aten::relu"], kept_none["aten::relu"]) == (1, 2, 2)
+    assert sum(kept_both.values()) == sum(plain.values()) + 1, (plain, kept_both)

@@ -45,14 +45,8 @@ class LinearAttention(nn.Module):
         return norm(out) + residual
 
     def _project(self, x, recompute=False):
-        """to_out's convolution of the attention of norm(x): (B, dim, H, W) -> (B, dim, H, W), before to_out's norm.
-        recompute: mark the norm's and the core's outputs for recomputation (recompute_in_backward)."""
-        normed = self.norm(x)
-        qkv = self.to_qkv(recompute_when_saved(normed, self.norm, x) if recompute else normed)
-        out = functional.packed_linear_attention(qkv, self.mem_kv, self.heads)
-        if recompute:
-            recompute_when_saved(out, functional.packed_linear_attention, qkv, self.mem_kv, self.heads)
-        return self.to_out[0](out)
+        """to_out's convolution of the attention of norm(x): (B, dim, H, W) -> (B, dim, H, W), before to_out's norm."""
+        return _attend_and_project(self, x, functional.packed_linear_attention, self.to_out[0], recompute)
 
 
 class Attend(nn.Module):
@@ -120,14 +114,19 @@ class Attention(nn.Module):
         return out if residual is None else out + residual
 
     def _project(self, x, recompute=False):
-        """to_out of the attention of norm(x): (B, dim, H, W) -> (B, dim, H, W). recompute: mark the norm's and,
-        without dropout, the core's outputs for recomputation (recompute_in_backward)."""
-        normed = self.norm(x)
-        qkv = self.to_qkv(recompute_when_saved(normed, self.norm, x) if recompute else normed)
-        out = self.attend(qkv, self.mem_kv, self.heads)
-        if recompute and not draws_random_numbers(self.attend):
-            recompute_when_saved(out, self.attend, qkv, self.mem_kv, self.heads)
-        return self.to_out(out)
+        """to_out of the attention of norm(x): (B, dim, H, W) -> (B, dim, H, W)."""
+        return _attend_and_project(self, x, self.attend, self.to_out, recompute)
+
+
+def _attend_and_project(layer, x, core, projection, recompute=False):
+    """projection(core(to_qkv(norm(x)), mem_kv, heads)) of either attention layer: (B, dim, H, W) -> (B, dim, H, W).
+    recompute: mark the norm's and (without dropout) the core's outputs for recomputation (recompute_in_backward)."""
+    normed = layer.norm(x)
+    qkv = layer.to_qkv(recompute_when_saved(normed, layer.norm, x) if recompute else normed)
+    out = core(qkv, layer.mem_kv, layer.heads)
+    if recompute and not draws_random_numbers(layer):
+        recompute_when_saved(out, core, qkv, layer.mem_kv, layer.heads)
+    return projection(out)
 
 
 RECOMPUTE = (None, "core", "layer")

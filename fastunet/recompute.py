@@ -100,8 +100,8 @@ class _Recipe:
         # Without a graph: autograd gives the unpacked tensor the saved one's place in the graph, so a backward
         # that builds a graph itself (create_graph=True) still reaches the recipe's inputs through it.
         enabled, dtype = self.autocast
-        with torch.no_grad(), use_backend(self.backend), torch.autocast(self.device_type, dtype, enabled=enabled):
-            return self.function(*self.args)
+        with torch.no_grad(), torch.autocast(self.device_type, dtype, enabled=enabled):
+            return _on_backend(self.backend, self.function, *self.args)
 
 
 def recompute_when_saved(tensor, function, *args):

@@ -256,8 +256,9 @@ class Unet(nn.Module):
         t = self._embed_time(time)
         # Every ResnetBlock's time MLP (SiLU + Linear) as one GEMM, in the order the blocks run below.
         scale_shifts = iter(time_mlp_scale_shifts(self.resnet_blocks(), t))
-        block = self._run_block
-        attend = self._run_attention
+        plan = self._recompute(x)
+        block = partial(self._run_block, plan=plan)
+        attend = partial(self._run_attention, plan=plan)
 
         skips = []
         for block1, block2, attn, downsample in self.downs:
@@ -289,21 +290,21 @@ class Unet(nn.Module):
         return blocks + [self.final_res_block]
 
     def _recompute(self, x):
-        """This forward's (ResnetBlock recompute, attention recompute, whole blocks) for input x."""
+        """This forward's plan, (ResnetBlock recompute, attention recompute, whole blocks), for input x."""
         block, attention, whole = _RECOMPUTE[self.checkpointing]
         if self.checkpointing is None and not use_triton("Unet", x.device):
             return False, None, False
         return block, attention, whole
 
-    def _run_block(self, block, x, scale_shift):
-        recompute, _, whole = self._recompute(x)
+    def _run_block(self, block, x, scale_shift, plan):
+        recompute, _, whole = plan
         if whole:
             return keep_only_convolutions(block, x, kept=None, random=draws_random_numbers(block),
                                           scale_shift=scale_shift)
         return block(x, scale_shift=scale_shift, recompute=recompute)
 
-    def _run_attention(self, attn, x):
+    def _run_attention(self, attn, x, plan):
         """attn(x) + x, the addition fused into the layer's last kernel where it has one (LinearAttention's output
         norm)."""
-        _, recompute, _ = self._recompute(x)
+        _, recompute, _ = plan
         return attn(x, residual=x, recompute=recompute)

@@ -12,8 +12,9 @@ measured on a GPU. For each kernel launch, at the Unet's shapes, on the report's
   loops over groups or chunk statistics),
   counted statically (a predicated-off instruction still issues) and divided by the elements one thread handles
   per iteration; with the special-function (MUFU), shuffle (SHFL) and barrier (BAR) instructions among them.
-  They are counted in a second compile of the launch with its runtime on/off flags (bool arguments: has_residual,
-  silu, ...) made constants, so that the code a flag that is off jumps over is not counted; registers, shared
+  A kernel without any loop (one tile per program) counts its whole body instead, setup included, marked
+  "(whole kernel)". They are counted in a second compile of the launch with its runtime on/off flags (bool
+  arguments: has_residual, silu, ...) made constants, so that the code a flag that is off jumps over is not counted; registers, shared
   memory and spills are those of the kernel that runs, with the flags as arguments;
 - bytes moved (the section's L2 model) vs the minimum (each input read once, each output written once);
 - issue floor vs HBM floor: warp instructions of the tile loops / (SMs x 4 schedulers x clock), against minimum
@@ -253,7 +254,8 @@ def innermost_loops(sass):
     ranges = []
     for instruction in sass:
         match = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", instruction.text)
-        if match and int(match.group(1), 16) <= instruction.address:
+        # A branch to itself is the trap after the kernel's last EXIT, not a loop.
+        if match and int(match.group(1), 16) < instruction.address:
             ranges.append((int(match.group(1), 16), instruction.address))
     innermost = [(s, e) for s, e in ranges
                  if not any((s, e) != (s2, e2) and s <= s2 and e2 <= e for s2, e2 in ranges)]
@@ -289,10 +291,14 @@ class Row:
     sfu_us: float
     hbm_us: float
     device: Device
+    whole_kernel: bool = False  # no loops: the instructions are the whole kernel's, one tile per program
+
 
     def cells(self):
         waves = self.programs / (self.device.num_sms * max(1, self.resident))
         per_loop = " + ".join(f"{n:.1f}" for n in self.loop_instructions) or "-"
+        if self.whole_kernel:
+            per_loop += " (whole kernel)"
         special = " + ".join(f"{m:.2f}/{s:.2f}/{b:.3f}" for m, s, b in self.loop_special) or "-"
         return [self.label, self.kernel, f"{self.programs}", f"{self.resident}", f"{waves:.2f}",
                 f"{self.registers}", f"{self.shared}", f"{self.spills}", per_loop, special,
@@ -338,6 +344,10 @@ def kernel_row(label, launch, device, *, tile_elements, elements, element_size, 
     threads = compiled.num_warps * 32
     elements_per_thread = tile_elements / threads
     loops = tile_loops(counted.sass, elements_per_thread, element_size)
+    whole_kernel = not loops and not innermost_loops(counted.sass)
+    if whole_kernel:
+        # A kernel without loops handles one tile per program: its whole body is the per-tile cost.
+        loops = [Loop(counted.sass)]
     if loops_run is not None:
         loops = [loops[index] for index in loops_run]
     per_element = [len(loop.instructions) / elements_per_thread for loop in loops]
@@ -350,7 +360,7 @@ def kernel_row(label, launch, device, *, tile_elements, elements, element_size, 
     hbm_us = bytes_minimum / device.hbm_bytes_per_s * 1e6
     return Row(label, compiled.name.strip("_"), programs or launch.programs, resident_programs(compiled, device),
                compiled.registers, compiled.shared, compiled.spills, per_element, special, bytes_moved, bytes_minimum,
-               issue_us, sfu_us, hbm_us, device)
+               issue_us, sfu_us, hbm_us, device, whole_kernel)
 
 
 def format_section(section):

@@ -57,6 +57,7 @@ from fastunet.kernels.scale_shift_act import (
     parameter_grads,
     parameter_grads_compile_configs,
     row_strides,
+    run_sums,
     runtime_flags,
     split_scale_shift,
     tile_offsets,
@@ -95,24 +96,12 @@ def _tile(batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
 
 
 @triton.jit
-def _run_sums(value, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR: tl.constexpr):
-    """Sums of each run of VECTOR consecutive pixels of a [rows, pixels] tile: [rows, pixels / VECTOR]. A run of
-    the 16-byte vector of an NCHW row (or of 1) lies in one thread, so that is adds in registers; a run of the
-    whole row (VECTOR = BLOCK_PIXELS) is a block-wide sum."""
-    if VECTOR == 1:
-        return value
-    if VECTOR == BLOCK_PIXELS:
-        return tl.sum(value, 1, keep_dims=True)
-    return tl.sum(tl.reshape(value, [BLOCK_ROWS, BLOCK_PIXELS // VECTOR, VECTOR]), 2)
-
-
-@triton.jit
 def _vector_statistics(x, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR: tl.constexpr):
     """(mean, m2) of each run of VECTOR consecutive pixels of a [rows, pixels] tile: [rows, pixels / VECTOR] each,
-    in two passes over the run, in registers (_run_sums)."""
+    in two passes over the run, in registers (run_sums)."""
     if VECTOR == 1:
         return x, tl.zeros_like(x)
-    mean = _run_sums(x, BLOCK_ROWS, BLOCK_PIXELS, VECTOR) * (1.0 / VECTOR)
+    mean = run_sums(x, BLOCK_ROWS, BLOCK_PIXELS, VECTOR) * (1.0 / VECTOR)
     runs = tl.reshape(x, [BLOCK_ROWS, BLOCK_PIXELS // VECTOR, VECTOR])
     deviation = runs - mean[:, :, None]
     return mean, tl.sum(deviation * deviation, 2)
@@ -291,8 +280,8 @@ def _row_gradient_sums(grad_y_ptr, x_ptr, batch, channel, valid, first_block, en
         x, du, _, _ = _gradient_tile(grad_y_ptr, x_ptr, batch, channel, valid, pixel_block, pixels, batch_stride,
                                      line_stride, grad_batch_stride, grad_line_stride, alpha, beta, silu,
                                      "evict_last", BLOCK_PIXELS, CHANNELS_LAST, ALIGN, GRAD_STRIDES)
-        lane_du_centered += _run_sums(du * (x - mean[:, None]), BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
-        lane_du += _run_sums(du, BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
+        lane_du_centered += run_sums(du * (x - mean[:, None]), BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
+        lane_du += run_sums(du, BLOCK_ROWS, BLOCK_PIXELS, VECTOR)
     return tl.sum(lane_du_centered, 1), tl.sum(lane_du, 1)
 
 

@@ -4,18 +4,22 @@ Computes `act(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift)`
 fastunet.reference.rms_norm_act defines it (upstream 2.x's RMSNorm, fused with the Block's epilogue).
 
 Design. x (B, C, H, W) is read as rows (batch, channel) of pixels, NCHW or channels_last in place
-(kernels/scale_shift_act.py). One program owns one batch's block of BLOCK_PIXELS pixels and walks its channels
-in [BLOCK_CHANNELS, BLOCK_PIXELS] tiles: pass 1 sums x^2 over the channels of each pixel (fp32: the squares of
-fp16's 6e4 are 3.6e9, far from fp32's range), pass 2 writes
-`act(x * rinv * g * sqrt(C) * (1 + scale) + shift)`, rinv = 1 / max(||x||, eps). Pass 2 re-reads tiles that
-pass 1 just read (L1/L2 hits; x leaves HBM once). No statistics are saved: the backward recomputes rinv from x,
+(kernels/scale_shift_act.py), in [BLOCK_CHANNELS, BLOCK_PIXELS] tiles. One program owns a chunk of one batch's
+blocks of BLOCK_PIXELS pixels (blocks_per_program: the channels' coefficients g * sqrt(C) * (1 + scale) and
+shift are loaded once per chunk). Where one tile holds every channel (ONE_BLOCK, the Unet's 64..512), each pixel
+block is one pass: x is read once, rinv = 1 / max(||x||, eps) is a sum over the tile's channels (fp32: the
+squares of fp16's 6e4 are 3.6e9, far from fp32's range), and `act(x * rinv * coefficient + shift)` is written
+from registers. Wider norms step through their channels: pass 1 sums x^2, pass 2 re-reads the tiles pass 1 just
+read (L1/L2 hits; x leaves HBM once) and writes. No statistics are saved: the backward recomputes rinv from x,
 which it reads anyway.
 
-The backward (three passes over the program's channels): rinv; then, with v = x * rinv and
-a = dL/dv = du * g * sqrt(C) * (1 + scale) (du = dL/d(pre-activation)), the per-pixel dot(a, v) and per-channel
-sums of du * v * sqrt(C) and du over the program's pixels (stored per program, summed over programs by torch.sum
-for the parameter gradients: deterministic, no atomics); then dx = rinv * (a - v * dot(a, v)), the second term
-only where ||x|| >= eps (elsewhere the clamp is constant and so is its gradient).
+The backward: with v = x * rinv and a = dL/dv = du * g * sqrt(C) * (1 + scale) (du = dL/d(pre-activation)), the
+per-pixel dot(a, v), the per-channel sums of du * v * sqrt(C) and du over the program's pixels (stored per
+program, summed over programs by torch.sum for the parameter gradients: deterministic, no atomics), and
+dx = rinv * (a - v * dot(a, v)), the second term only where ||x|| >= eps (elsewhere the clamp is constant and so
+is its gradient). One pass per pixel block under ONE_BLOCK (x and dy read once, du computed once, the parameter
+sums kept per lane across the chunk and summed over lanes once); three when stepping (rinv; dot and the sums;
+dx), with one pixel block per program.
 """
 
 import itertools
@@ -32,6 +36,7 @@ from fastunet.kernels.scale_shift_act import (
     activation,
     activation_backward,
     compile_signature,
+    device_limits,
     empty_output,
     gradient_or_empty,
     gradient_rows,
@@ -46,6 +51,7 @@ from fastunet.kernels.scale_shift_act import (
     parameter_grads,
     parameter_grads_compile_configs,
     row_strides,
+    run_sums,
     runtime_flags,
     split_scale_shift,
     tile_offsets,
@@ -102,36 +108,93 @@ def _channel_coefficients(g_ptr, scale_ptr, shift_ptr, batch, channel, valid, sq
 
 
 @triton.jit
-def _channel_block(g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
-                   batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
-                   shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS: tl.constexpr,
-                   CHANNELS_LAST: tl.constexpr):
-    """The tile of channel block `channel_block` over the program's pixels: (channel, channel_valid, mask,
-    offsets, coefficient, shift), the (channels,) indices and validity, the [channels, pixels] mask and element
-    offsets, and the per-channel (coefficient, shift) of _channel_coefficients."""
+def _channel_block(g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels, scale_batch_stride,
+                   scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift,
+                   BLOCK_CHANNELS: tl.constexpr):
+    """Channel block `channel_block` of a batch: (channel, channel_valid, coefficient, shift), the (channels,)
+    indices, their validity and the per-channel (coefficient, shift) of _channel_coefficients."""
     channel = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_valid = channel < channels
     coefficient, shift = _channel_coefficients(
         g_ptr, scale_ptr, shift_ptr, batch, channel, channel_valid, sqrt_channels, scale_batch_stride,
         scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift)
+    return channel, channel_valid, coefficient, shift
+
+
+@triton.jit
+def _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride, line_stride,
+                BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """The tile of `channel` over pixel block `pixel_block`: (pixel, pixel_valid, mask, offsets), the
+    (pixels,) indices and validity, the [channels, pixels] mask and element offsets."""
+    pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+    pixel_valid = pixel < pixels
     mask = channel_valid[:, None] & pixel_valid[None, :]
     offsets = tile_offsets(batch, channel, pixel, batch_stride, line_stride, CHANNELS_LAST)
-    return channel, channel_valid, mask, offsets, coefficient, shift
+    return pixel, pixel_valid, mask, offsets
+
+
+@triton.jit
+def _program_blocks(pixel_blocks, blocks_per_program):
+    """(batch, chunk, first pixel block, end pixel block) of this program: chunk `chunk` of its batch's pixel
+    blocks, blocks_per_program of them (fewer in the last chunk)."""
+    chunks = tl.cdiv(pixel_blocks, blocks_per_program)
+    program = tl.program_id(0)
+    batch = program // chunks
+    chunk = program % chunks
+    first_block = chunk * blocks_per_program
+    return batch, chunk, first_block, tl.minimum(first_block + blocks_per_program, pixel_blocks)
+
+
+@triton.jit
+def _load_gradient_inputs(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
+                          grad_batch_stride, grad_line_stride, eviction_policy: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """One backward tile's (x, grad_y), [channels, pixels] fp32 (0 where masked), grad_y through its own strides
+    (gradient_rows), both read with `eviction_policy`."""
+    x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                           eviction_policy=eviction_policy))
+    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
+                                           grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN, True)
+    grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy=eviction_policy))
+    return x, grad_y
+
+
+@triton.jit
+def _pre_activation_gradient(x, grad_y, rinv, coefficient, shift, silu):
+    """(v, du): v = x * rinv and du = dL/d(pre-activation), [channels, pixels] fp32 (0 where x and grad_y are)."""
+    v = x * rinv[None, :]
+    return v, activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
 
 
 @triton.jit
 def _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride, grad_batch_stride,
                    grad_line_stride, rinv, coefficient, shift, silu, eviction_policy: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
-    """One backward tile: (v, du), v = x * rinv and du = dL/d(pre-activation), [channels, pixels] fp32 (0 where
-    masked), from x and grad_y (through its own strides, gradient_rows) read with `eviction_policy`."""
-    x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                           eviction_policy=eviction_policy))
-    grad_pointers = gradient_tile_pointers(grad_y_ptr, offsets, batch, pixel, batch_stride, line_stride,
-                                           grad_batch_stride, grad_line_stride, CHANNELS_LAST, ALIGN, True)
-    grad_y = to_float32(tl.load(grad_pointers, mask=mask, other=0.0, eviction_policy=eviction_policy))
-    v = x * rinv[None, :]
-    return v, activation_backward(grad_y, v * coefficient[:, None] + shift[:, None], silu)
+    """One backward tile read from memory: (v, du) of _pre_activation_gradient."""
+    x, grad_y = _load_gradient_inputs(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
+                                      grad_batch_stride, grad_line_stride, eviction_policy, CHANNELS_LAST, ALIGN)
+    return _pre_activation_gradient(x, grad_y, rinv, coefficient, shift, silu)
+
+
+@triton.jit
+def _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
+                  CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr):
+    """The forward's output tile: act(x * rinv * coefficient + shift) (+ residual), written in y's dtype."""
+    y = activation(x * rinv[None, :] * coefficient[:, None] + shift[:, None], silu)
+    if has_residual:
+        y += to_float32(tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                eviction_policy="evict_first"))
+    tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
+
+
+@triton.jit
+def _store_grad_x(grad_x_ptr, offsets, mask, rinv, du, coefficient, v, dot, CHANNELS_LAST: tl.constexpr,
+                  ALIGN: tl.constexpr):
+    """dx = rinv * (a - v * dot(a, v)), a = du * coefficient, written in dx's dtype."""
+    grad_x = rinv[None, :] * (du * coefficient[:, None] - v * dot[None, :])
+    tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN), grad_x.to(grad_x_ptr.dtype.element_ty),
+             mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -142,33 +205,49 @@ def _rms_norm_forward_kernel(
     scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     batch_stride, line_stride,  # of x and y: C*H*W, and H*W (NCHW) or C (channels_last)
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-    channels, pixels, pixel_blocks,  # pixel_blocks = cdiv(H*W, BLOCK_PIXELS); the grid is B * pixel_blocks
+    channels, pixels,
+    pixel_blocks, blocks_per_program,  # cdiv(H*W, BLOCK_PIXELS), walked in chunks: the grid is B * chunks
     eps, sqrt_channels,
     dtype_codes,  # pack_dtype_codes(g, scale, shift)
     has_scale, has_shift, silu, has_residual,
     BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # channels <= BLOCK_CHANNELS: one tile holds a pixel's channels, one pass
 ):
-    program = tl.program_id(0)
-    batch = program // pixel_blocks
+    batch, _chunk, first_block, end_block = _program_blocks(pixel_blocks, blocks_per_program)
     channels, pixels = _aligned_runs(channels, pixels, CHANNELS_LAST, ALIGN)
-    pixel = (program % pixel_blocks) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-    pixel_valid = pixel < pixels
-    sum_of_squares = _sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
-                                     BLOCK_CHANNELS, CHANNELS_LAST, ALIGN)
-    rinv = 1.0 / tl.maximum(tl.sqrt(sum_of_squares), eps)
-    for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-        _, _, mask, offsets, coefficient, shift = _channel_block(
-            g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
-            batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
-            shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, CHANNELS_LAST)
-        x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
-                               eviction_policy="evict_first"))
-        y = activation(x * rinv[None, :] * coefficient[:, None] + shift[:, None], silu)
-        if has_residual:
-            y += to_float32(tl.load(tile_pointers(residual_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask,
-                                    other=0.0, eviction_policy="evict_first"))
-        tl.store(tile_pointers(y_ptr, offsets, CHANNELS_LAST, ALIGN), y.to(y_ptr.dtype.element_ty), mask=mask,
-                 eviction_policy="evict_first")
+    if ONE_BLOCK:
+        # Every channel in one tile: their coefficients are loaded once for the chunk, and x is read once and
+        # stays in registers.
+        channel, channel_valid, coefficient, shift = _channel_block(
+            g_ptr, scale_ptr, shift_ptr, batch, 0, channels, sqrt_channels, scale_batch_stride,
+            scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift,
+            BLOCK_CHANNELS)
+        for pixel_block in range(first_block, end_block):
+            _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride,
+                                              line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                   eviction_policy="evict_first"))
+            rinv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), eps)
+            _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
+                          CHANNELS_LAST, ALIGN)
+    else:
+        # Stepping: one pixel block per program (the plan's; a loop here cost registers, and spills on sm_80).
+        pixel_block = first_block
+        pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+        sum_of_squares = _sum_of_squares(x_ptr, batch, pixel, pixel < pixels, channels, batch_stride,
+                                         line_stride, BLOCK_CHANNELS, CHANNELS_LAST, ALIGN)
+        rinv = 1.0 / tl.maximum(tl.sqrt(sum_of_squares), eps)
+        for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
+            channel, channel_valid, coefficient, shift = _channel_block(
+                g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
+                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                dtype_codes, has_scale, has_shift, BLOCK_CHANNELS)
+            _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride,
+                                              line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
+                                   eviction_policy="evict_first"))
+            _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
+                          CHANNELS_LAST, ALIGN)
 
 
 @triton.jit
@@ -176,57 +255,90 @@ def _rms_norm_backward_kernel(
     grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, in the layout CHANNELS_LAST says (strides below)
     g_ptr,  # (C,) raw bytes of any float dtype, unit stride
     scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
-    partial_du_xhat_ptr, partial_du_ptr,  # (B, pixel_blocks, C) fp32 outputs: sums over this program's pixels
+    partial_du_xhat_ptr, partial_du_ptr,  # (B, chunks, C) fp32 outputs: sums over this program's pixels
     batch_stride, line_stride,  # of x and grad_x
     grad_batch_stride, grad_line_stride,  # of grad_y (a channel slice of a larger tensor keeps its own: gradient_rows)
     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-    channels, pixels, pixel_blocks,
+    channels, pixels,
+    pixel_blocks, blocks_per_program,  # as the forward's; chunks = cdiv(pixel_blocks, blocks_per_program)
     eps, sqrt_channels,
     dtype_codes,  # pack_dtype_codes(g, scale, shift)
     has_scale, has_shift, silu,
     compute_grad_x,  # False: only the sums (for parameter gradients)
     BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # channels <= BLOCK_CHANNELS: x and dy read once, du computed once
 ):
-    program = tl.program_id(0)
-    batch = program // pixel_blocks
-    all_channels = channels  # row stride of the partial sums
+    batch, chunk, first_block, end_block = _program_blocks(pixel_blocks, blocks_per_program)
+    partial_row = (batch * tl.cdiv(pixel_blocks, blocks_per_program) + chunk).to(tl.int64) * channels
     channels, pixels = _aligned_runs(channels, pixels, CHANNELS_LAST, ALIGN)
-    pixel = (program % pixel_blocks) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-    pixel_valid = pixel < pixels
-    norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
-                                   BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
-    rinv = 1.0 / tl.maximum(norm, eps)
-    # Pass 2: dot(a, v) per pixel (per lane across the channel blocks, summed once after), and this program's
-    # per-channel sums for the parameter gradients.
-    lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)
-    for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-        channel, channel_valid, mask, offsets, coefficient, shift = _channel_block(
-            g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
-            batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
-            shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, CHANNELS_LAST)
-        # Pass 3 reads this tile again: ask L2 to keep it.
-        v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
-                               grad_batch_stride, grad_line_stride, rinv, coefficient, shift, silu, "evict_last",
-                               CHANNELS_LAST, ALIGN)
-        lane_dot += du * coefficient[:, None] * v
-        partial = (batch * pixel_blocks + program % pixel_blocks).to(tl.int64) * all_channels + channel
-        tl.store(partial_du_xhat_ptr + partial, tl.sum(du * v, 1) * sqrt_channels, mask=channel_valid)
-        tl.store(partial_du_ptr + partial, tl.sum(du, 1), mask=channel_valid)
-    dot = tl.sum(lane_dot, 0)
-    if compute_grad_x:
-        # Where the clamp max(||x||, eps) picks eps, rinv does not depend on x: no second term.
-        dot = tl.where(norm >= eps, dot, 0.0)
+    if ONE_BLOCK:
+        # Every channel in one tile: x and dy are read once, and du (the sigmoid) is computed once. The sums for
+        # the parameter gradients stay per lane (a 16-byte run of a channel's pixels in NCHW, one element in
+        # channels_last) across the chunk, summed over the lanes once at the end.
+        VECTOR: tl.constexpr = 1 if CHANNELS_LAST else ALIGN
+        channel, channel_valid, coefficient, shift = _channel_block(
+            g_ptr, scale_ptr, shift_ptr, batch, 0, channels, sqrt_channels, scale_batch_stride,
+            scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift,
+            BLOCK_CHANNELS)
+        lane_du_v = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS // VECTOR], tl.float32)
+        lane_du = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS // VECTOR], tl.float32)
+        for pixel_block in range(first_block, end_block):
+            pixel, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels,
+                                                  batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            x, grad_y = _load_gradient_inputs(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride,
+                                              line_stride, grad_batch_stride, grad_line_stride, "evict_first",
+                                              CHANNELS_LAST, ALIGN)
+            norm = tl.sqrt(tl.sum(x * x, 0))
+            rinv = 1.0 / tl.maximum(norm, eps)
+            v, du = _pre_activation_gradient(x, grad_y, rinv, coefficient, shift, silu)
+            lane_du_v += run_sums(du * v, BLOCK_CHANNELS, BLOCK_PIXELS, VECTOR)
+            lane_du += run_sums(du, BLOCK_CHANNELS, BLOCK_PIXELS, VECTOR)
+            if compute_grad_x:
+                # Where the clamp max(||x||, eps) picks eps, rinv does not depend on x: no second term.
+                dot = tl.where(norm >= eps, tl.sum(du * coefficient[:, None] * v, 0), 0.0)
+                _store_grad_x(grad_x_ptr, offsets, mask, rinv, du, coefficient, v, dot, CHANNELS_LAST, ALIGN)
+        tl.store(partial_du_xhat_ptr + partial_row + channel, tl.sum(lane_du_v, 1) * sqrt_channels,
+                 mask=channel_valid)
+        tl.store(partial_du_ptr + partial_row + channel, tl.sum(lane_du, 1), mask=channel_valid)
+    else:
+        # Stepping: one pixel block per program (the plan's: these sums over every channel block do not stay in
+        # registers across pixel blocks; a loop here also spilled on sm_80).
+        pixel_block = first_block
+        pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+        norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel < pixels, channels, batch_stride,
+                                       line_stride, BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
+        rinv = 1.0 / tl.maximum(norm, eps)
+        # Pass 2: dot(a, v) per pixel (per lane across the channel blocks, summed once after), and this
+        # program's per-channel sums for the parameter gradients.
+        lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)
         for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-            _, _, mask, offsets, coefficient, shift = _channel_block(
-                g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel, pixel_valid, channels, sqrt_channels,
-                batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
-                shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, CHANNELS_LAST)
+            channel, channel_valid, coefficient, shift = _channel_block(
+                g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
+                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                dtype_codes, has_scale, has_shift, BLOCK_CHANNELS)
+            _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride,
+                                              line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            # Pass 3 reads this tile again: ask L2 to keep it.
             v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
                                    grad_batch_stride, grad_line_stride, rinv, coefficient, shift, silu,
-                                   "evict_first", CHANNELS_LAST, ALIGN)
-            grad_x = rinv[None, :] * (du * coefficient[:, None] - v * dot[None, :])
-            tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN), grad_x.to(grad_x_ptr.dtype.element_ty),
-                     mask=mask, eviction_policy="evict_first")
+                                   "evict_last", CHANNELS_LAST, ALIGN)
+            lane_dot += du * coefficient[:, None] * v
+            tl.store(partial_du_xhat_ptr + partial_row + channel, tl.sum(du * v, 1) * sqrt_channels,
+                     mask=channel_valid)
+            tl.store(partial_du_ptr + partial_row + channel, tl.sum(du, 1), mask=channel_valid)
+        if compute_grad_x:
+            dot = tl.where(norm >= eps, tl.sum(lane_dot, 0), 0.0)
+            for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
+                channel, channel_valid, coefficient, shift = _channel_block(
+                    g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
+                    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
+                    dtype_codes, has_scale, has_shift, BLOCK_CHANNELS)
+                _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels,
+                                                  batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+                v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride,
+                                       line_stride, grad_batch_stride, grad_line_stride, rinv, coefficient,
+                                       shift, silu, "evict_first", CHANNELS_LAST, ALIGN)
+                _store_grad_x(grad_x_ptr, offsets, mask, rinv, du, coefficient, v, dot, CHANNELS_LAST, ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,17 +356,25 @@ class Tile:
     max_registers: int = 128  # ptxas's .maxnreg; see kernels/group_norm.py's Tile
 
 
-# The only tiles a plan may use (gpu_compile_configs compiles each for every dtype, direction and layout):
-# 4096 elements per step, 8 KB of bf16, many programs per SM. A pixel's channels are reduced in steps of
-# `channels`, so the tile is chosen to waste the fewest masked channels (Unet's 64..768 channels are multiples
-# of 64). The backward, which keeps x, dy and their products live, runs twice the warps, and in fp32 half the
-# pixels.
+# The only tiles a plan may use (gpu_compile_configs compiles each for every dtype, direction and layout).
+# A pixel's channels are reduced over, so a tile that holds all of them reads x (and dy) once and computes the
+# activation's gradient once (ONE_BLOCK), where a tile of fewer channels steps through them in two passes (three
+# in the backward), recomputing. The Unet's norms see dim * mult channels (64..512 for dim=64): a tile per power
+# of two from 64 to 512 (fewer channels take the 64 one, masked), 4096 elements per step (8 KB of bf16) with rows
+# of at least 16 pixels (32 bytes of bf16: a whole sector in NCHW), 8192 for 512 channels. Wider norms step
+# through 256 channels at a time. The backward, which keeps x, dy and their products live, runs twice the warps,
+# and in fp32 half the pixels. Each tile costs 12 compiles per architecture in the tests: no more of them.
 FORWARD_TILES = {
     "channels_64": Tile(64, 64, 4),
+    "channels_128": Tile(128, 32, 4),
     "channels_256": Tile(256, 16, 4),
-    # C (channels_last) or H*W (NCHW) not a multiple of 8, or offset data: scalar accesses, a smaller tile.
+    "channels_512": Tile(512, 16, 8),
+    # C (channels_last) or H*W (NCHW) not a multiple of 8, or offset data: scalar accesses, a smaller tile that
+    # always steps (odd shapes are not the Unet's; one pass there would cost compiles, not time that matters).
     "unaligned": Tile(16, 64, 4, align=1),
 }
+# The tile a plan gives more channels than any tile holds.
+STEPPING_TILE = "channels_256"
 
 
 def tile_for(name, backward, element_size):
@@ -268,19 +388,39 @@ def tile_for(name, backward, element_size):
     return tile
 
 
+def one_block(tile_name, channels):
+    """Whether the kernels hold every channel of a pixel in one tile (the ONE_BLOCK constexpr)."""
+    return tile_name != "unaligned" and channels <= FORWARD_TILES[tile_name].channels
+
+
 def plan_rms_norm(channels, pixels, channels_last, aligned):
-    """The tile name for x (B, channels, H, W) with H*W = pixels (no autotuning): the aligned tile with the
-    fewest padded channels, then the one with fewer channel steps."""
+    """The tile name for x (B, channels, H, W) with H*W = pixels (no autotuning): the smallest aligned tile that
+    holds every channel, or for more channels than any holds, the stepping tile."""
     if not aligned:
         return "unaligned"
-    return min(("channels_64", "channels_256"),
-               key=lambda name: (-(-channels // FORWARD_TILES[name].channels) * FORWARD_TILES[name].channels,
-                                 -FORWARD_TILES[name].channels))
+    one_block_tiles = [name for name in FORWARD_TILES if one_block(name, channels)]
+    return min(one_block_tiles, key=lambda name: FORWARD_TILES[name].channels) if one_block_tiles else STEPPING_TILE
 
 
-def _prepare_launch(tile_name, tensors, backward, strides=()):
-    """(grid, pixel blocks, launch metadata) for (B, C, H, W) tensors of one layout (x first; `strides`: a
-    gradient's own, see gradient_rows), with the tile `tile_name` or the planner's."""
+def blocks_per_program(batch, pixel_blocks, single, num_sms):
+    """Pixel blocks one program walks: enough that the channels' coefficients, loaded once per program, and the
+    sums for the parameter gradients, summed over lanes once per program, cost little per tile, while
+    PROGRAMS_PER_SM programs per SM keep the waves' tails short. One for the stepping tiles."""
+    if not single:
+        return 1
+    return max(1, min(pixel_blocks, -(-batch * pixel_blocks // (PROGRAMS_PER_SM * num_sms))))
+
+
+# 8 programs per SM: about 2 waves at the 4 (forward) or 2 (backward, 8 warps) programs an SM holds at once with
+# the walking kernels' registers (bench/static_report.py), and 2 pixel blocks per program from 64x64 maps at
+# batch 32 on 132 SMs.
+PROGRAMS_PER_SM = 8
+
+
+def _prepare_launch(tile_name, tensors, backward, strides=(), blocks=None):
+    """(grid, pixel blocks, blocks per program, chunks, launch metadata) for (B, C, H, W) tensors of one layout (x
+    first; `strides`: a gradient's own, see gradient_rows), with the tile `tile_name` and `blocks` pixel blocks per
+    program, or the planner's."""
     x = tensors[0]
     batch, channels, height, width = x.shape
     channels_last = kernel_memory_format(x) == torch.channels_last
@@ -290,10 +430,17 @@ def _prepare_launch(tile_name, tensors, backward, strides=()):
     tile = tile_for(tile_name, backward, x.element_size())
     if tile.align > 1 and not vector_aligned(tensors, run, strides):
         raise ValueError(f"rms_norm_act: tile {tile_name!r} needs vector-aligned inputs")
+    single = one_block(tile_name, channels)
     pixel_blocks = -(-(height * width) // tile.pixels)
+    if blocks is None:
+        blocks = blocks_per_program(batch, pixel_blocks, single, device_limits(x.device)[0])
+    elif blocks != 1 and not single:
+        raise ValueError(f"rms_norm_act: tile {tile_name!r} steps through {channels} channels: one pixel block "
+                         f"per program, not {blocks}")
+    chunks = -(-pixel_blocks // blocks)
     meta = dict(BLOCK_CHANNELS=tile.channels, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
-                ALIGN=tile.align, num_warps=tile.num_warps, maxnreg=tile.max_registers)
-    return (batch * pixel_blocks,), pixel_blocks, meta
+                ALIGN=tile.align, ONE_BLOCK=single, num_warps=tile.num_warps, maxnreg=tile.max_registers)
+    return (batch * chunks,), pixel_blocks, blocks, chunks, meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,18 +452,19 @@ def _contiguous_parameter(t):
     return t if t.stride(0) == 1 else t.contiguous()
 
 
-def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None, residual=None):
+def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None, residual=None, blocks=None):
     """Forward launcher. x (B, C, H, W); g (C,); scale, shift (B, C) or None, or scale_shift (B, 2C) whose halves
     are (scale, shift); residual: x's shape and dtype, or None, added after the activation.
 
-    Returns y: x's shape and dtype, in kernel_memory_format(x). tile: a name in FORWARD_TILES to force (tests).
+    Returns y: x's shape and dtype, in kernel_memory_format(x). tile: a name in FORWARD_TILES, blocks: pixel blocks
+    per program, to force (tests).
     """
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
     residual = None if residual is None else in_memory_format(residual, memory_format)
     y = empty_output(x)
-    grid, pixel_blocks, meta = _prepare_launch(tile, (x, y) if residual is None else (x, y, residual),
-                                               backward=False)
+    grid, pixel_blocks, blocks, _, meta = _prepare_launch(tile, (x, y) if residual is None else (x, y, residual),
+                                                          backward=False, blocks=blocks)
     g = _contiguous_parameter(g)
     scale, shift = split_scale_shift(scale, shift, scale_shift)
     channels, height, width = x.shape[1:]
@@ -324,36 +472,37 @@ def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None,
     _rms_norm_forward_kernel[grid](
         x, y, x if residual is None else residual, *parameter_pointers,
         *row_strides(x.shape, memory_format), *scale_shift_strides,
-        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5, dtype_codes,
+        channels, height * width, pixel_blocks, blocks, float(eps), float(channels) ** 0.5, dtype_codes,
         *runtime_flags(scale is not None, shift is not None, silu, residual is not None), **meta)
     return y
 
 
-def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, scale_shift=None):
+def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, scale_shift=None, blocks=None):
     """Backward launcher: gradients of rms_norm_forward's y (a residual's gradient is grad_y itself).
 
     needs: which of (x, g, scale, shift, scale_shift) want a gradient. Returns (dx, dg, d_scale, d_shift,
     d_scale_shift) in each input's dtype (dx in kernel_memory_format(x)), None where not needed. Two Triton launches:
     dx and per-program sums, then the parameter gradients (parameter_grads, after an ATen sum of the per-program
-    sums of each batch).
+    sums of each batch where a batch has several programs). tile, blocks: as rms_norm_forward's.
     """
     need_x, need_g, need_scale, need_shift, need_scale_shift = needs
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
     grad_y, *grad_strides = gradient_rows(grad_y, memory_format)
     grad_x = empty_output(x) if need_x else None
-    grid, pixel_blocks, meta = _prepare_launch(tile, (x, grad_y) if grad_x is None else (x, grad_y, grad_x),
-                                               backward=True, strides=grad_strides)
+    grid, pixel_blocks, blocks, chunks, meta = _prepare_launch(
+        tile, (x, grad_y) if grad_x is None else (x, grad_y, grad_x), backward=True, strides=grad_strides,
+        blocks=blocks)
     g = _contiguous_parameter(g)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels, height, width = x.shape
-    partial_sums = torch.empty(2, batch, pixel_blocks, channels, device=x.device, dtype=torch.float32)
+    partial_sums = torch.empty(2, batch, chunks, channels, device=x.device, dtype=torch.float32)
     partial_du_xhat, partial_du = partial_sums
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale_half, shift_half))
     _rms_norm_backward_kernel[grid](
         grad_y, x, x if grad_x is None else grad_x, *parameter_pointers, partial_du_xhat, partial_du,
         *row_strides(x.shape, memory_format), *grad_strides, *scale_shift_strides,
-        channels, height * width, pixel_blocks, float(eps), float(channels) ** 0.5, dtype_codes,
+        channels, height * width, pixel_blocks, blocks, float(eps), float(channels) ** 0.5, dtype_codes,
         *runtime_flags(scale_half is not None, shift_half is not None, silu, need_x), **meta)
     # g plays weight (its sums carry the sqrt(C) factor already); there is no bias.
     d_g, _, d_scale, d_shift, d_scale_shift = parameter_grads(
@@ -440,12 +589,18 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=N
 # Ahead-of-time compilation (tests/gpu_compile.py)
 
 
+def plannable_tiles():
+    """(tile name, ONE_BLOCK) of every launch plan_rms_norm can make."""
+    return [(name, name != "unaligned") for name in FORWARD_TILES] + [(STEPPING_TILE, False)]
+
+
 def gpu_compile_configs():
-    """Every (kernel, signature, constexprs, options) a GPU run can launch: each tile of FORWARD_TILES (the only
-    ones plan_rms_norm and _prepare_launch allow), per direction, layout and input dtype, and the parameter-gradient
-    kernel; the aligned tiles with the specialization a Unet launch gets (unet_launch_specialization), the
-    unaligned one without. The same list serves every architecture (at most 1 KB of shared memory per tile). Parameters reach the kernels as raw bytes with runtime dtype codes and optional inputs are runtime
-    flags, so nothing else varies."""
+    """Every (kernel, signature, constexprs, options) a GPU run can launch: each (tile, ONE_BLOCK) of
+    plannable_tiles() (the tiles of FORWARD_TILES are the only ones plan_rms_norm and _prepare_launch allow), per
+    direction, layout and input dtype, and the parameter-gradient kernel; the aligned tiles with the specialization
+    a Unet launch gets (unet_launch_specialization), the unaligned one without. The same list serves every
+    architecture (a few KB of shared memory per tile, for the cross-warp sums). Parameters reach the kernels as raw
+    bytes with runtime dtype codes and optional inputs are runtime flags, so nothing else varies."""
     kernels = (
         (_rms_norm_forward_kernel, ("x_ptr", "y_ptr", "residual_ptr"), ("has_scale", "has_shift", "silu",
                                                                           "has_residual")),
@@ -453,10 +608,11 @@ def gpu_compile_configs():
          ("has_scale", "has_shift", "silu", "compute_grad_x")),
     )
     for (kernel, x_pointers, flags), backward in zip(kernels, (False, True)):
-        for name, channels_last, dtype in itertools.product(FORWARD_TILES, (False, True), FUSED_NORM_DTYPES):
+        for (name, single), channels_last, dtype in itertools.product(plannable_tiles(), (False, True),
+                                                                      FUSED_NORM_DTYPES):
             tile = tile_for(name, backward, dtype.itemsize)
             constexprs = dict(BLOCK_CHANNELS=tile.channels, BLOCK_PIXELS=tile.pixels, CHANNELS_LAST=channels_last,
-                              ALIGN=tile.align)
+                              ALIGN=tile.align, ONE_BLOCK=single)
             signature = compile_signature(kernel, constexprs, dtype, x_pointers, flags,
                                           floats=("eps", "sqrt_channels"))
             options = dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)

@@ -102,10 +102,12 @@ def test_group_norm_gradient_slice_reads_its_own_strides(channels_last):
 
 # (shape, channels_last, tile the planner should pick)
 RMS_NORM_CASES = [
-    ((8, 64, 64, 64), False, "channels_64"),
+    ((8, 64, 64, 64), False, "channels_64"),  # one pass over each pixel's channels
     ((8, 256, 16, 16), False, "channels_256"),
+    ((8, 512, 16, 16), False, "channels_512"),
+    ((4, 768, 16, 16), False, "channels_256"),  # more channels than one tile holds: stepping
     ((4, 96, 63, 65), False, "unaligned"),
-    ((8, 128, 32, 32), True, "channels_64"),
+    ((8, 128, 32, 32), True, "channels_128"),
 ]
 
 

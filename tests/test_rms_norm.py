@@ -54,28 +54,30 @@ def run(fn, x, g, scale, shift, silu, grad_y=None):
 
 
 class _ForcedTile(torch.autograd.Function):
-    """rms_norm_forward / rms_norm_backward with an explicit tile (the custom op always plans itself)."""
+    """rms_norm_forward / rms_norm_backward with an explicit tile and pixel blocks per program (the custom op
+    always plans itself)."""
 
     @staticmethod
-    def forward(ctx, x, g, scale, shift, silu, eps, tile):
+    def forward(ctx, x, g, scale, shift, silu, eps, tile, blocks):
         ctx.save_for_backward(x, g, scale, shift)
-        ctx.silu, ctx.eps, ctx.tile = silu, eps, tile
-        return rn.rms_norm_forward(x, g, scale, shift, silu, eps, tile=tile)
+        ctx.silu, ctx.eps, ctx.tile, ctx.blocks = silu, eps, tile, blocks
+        return rn.rms_norm_forward(x, g, scale, shift, silu, eps, tile=tile, blocks=blocks)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, g, scale, shift = ctx.saved_tensors
         needs = [ctx.needs_input_grad[i] and t is not None for i, t in enumerate((x, g, scale, shift))] + [False]
-        grads = rn.rms_norm_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs, tile=ctx.tile)
-        return (*grads[:4], None, None, None)
+        grads = rn.rms_norm_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs, tile=ctx.tile,
+                                     blocks=ctx.blocks)
+        return (*grads[:4], None, None, None, None)
 
 
-def check_against_reference(x, g, scale, shift, silu, tile=None):
-    if tile is None:
+def check_against_reference(x, g, scale, shift, silu, tile=None, blocks=None):
+    if tile is None and blocks is None:
         fn = rn.rms_norm_act
     else:
         def fn(x, g, scale, shift, silu, eps):
-            return _ForcedTile.apply(x, g, scale, shift, silu, eps, tile)
+            return _ForcedTile.apply(x, g, scale, shift, silu, eps, tile, blocks)
     y, grads, grad_y = run(fn, x, g, scale, shift, silu)
     y_ref, grads_ref, _ = run(reference.rms_norm_act, x, g, scale, shift, silu, grad_y)
     assert y.dtype == x.dtype and y.shape == x.shape
@@ -99,7 +101,7 @@ CASES = [
     ((2, 12, 3, 5), True, "scale", True),
     ((2, 64, 8, 8), False, "both", True),  # Unet-like: one 64-channel step per pixel block
     ((2, 64, 8, 8), True, "shift", False),
-    ((1, 96, 16, 16), True, "both", True),  # 2 channel steps of 64, the second half masked
+    ((1, 96, 16, 16), True, "both", True),  # the 128-channel tile, its last 32 channels masked
     ((1, 256, 4, 4), False, "none", False),  # the 256-channel tile (attention pre-norm without epilogue)
 ]
 
@@ -144,10 +146,38 @@ def test_zero_pixels_take_the_eps_branch(device):
 @pytest.mark.parametrize("tile", ["channels_64", "channels_256", "unaligned"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_forced_tiles(tile, channels_last, device):
-    """Each tile on ~300 channels: several channel steps, the last partly masked (296 in channels_last, where
-    the aligned tiles need a multiple of 8)."""
+    """Stepping through ~300 channels: several channel steps, the last partly masked (296 in channels_last,
+    where the aligned tiles need a multiple of 8)."""
     x, g, scale, shift = make_inputs((2, 296 if channels_last else 300, 4, 4), torch.float32, device, channels_last)
+    assert not rn.one_block(tile, x.shape[1])
     check_against_reference(x, g, scale, shift, True, tile=tile)
+
+
+@pytest.mark.parametrize("tile", [name for name, single in rn.plannable_tiles() if single])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_one_block_tiles(tile, channels_last, device):
+    """Each tile holding every channel (one pass), its last 8 channels masked, in bf16 (the Unet's dtype)."""
+    channels = rn.FORWARD_TILES[tile].channels - 8
+    x, g, scale, shift = make_inputs((2, channels, 4, 4), torch.bfloat16, device, channels_last,
+                                     param_dtype=torch.float32)
+    assert rn.one_block(tile, channels)
+    check_against_reference(x, g, scale, shift, True, tile=tile)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_programs_walk_several_pixel_blocks(channels_last, device):
+    """A program walks several pixel blocks, keeping its sums for the parameter gradients per lane across them:
+    at 24x24 in fp32 (tiles of 32 pixels), 18 blocks per batch in 6 chunks of 3, or in 5 of 4 (the last 2 short)."""
+    x, g, scale, shift = make_inputs((2, 40, 24, 24), torch.float32, device, channels_last)
+    assert {rn.tile_for("channels_64", backward, 4).pixels for backward in (False, True)} == {32}
+    for blocks in (3, 4):
+        check_against_reference(x, g, scale, shift, True, tile="channels_64", blocks=blocks)
+
+
+def test_stepping_tiles_take_one_pixel_block_per_program(device):
+    x, g, scale, shift = make_inputs((2, 300, 4, 4), torch.float32, device)
+    with pytest.raises(ValueError, match="one pixel block per program, not 2"):
+        rn.rms_norm_forward(x, g, scale, shift, True, 1e-12, tile="channels_256", blocks=2)
 
 
 def test_strided_inputs_are_copied_correctly(device):
@@ -213,11 +243,21 @@ def test_deterministic(device):
 
 
 def test_plan_heuristic():
-    """The fewest masked channels, then the fewest channel steps; unaligned data gets the unaligned tile."""
-    assert [rn.plan_rms_norm(c, 64, False, True) for c in (3, 64, 96, 192, 256, 384, 512, 768)] == [
-        "channels_64", "channels_64", "channels_64", "channels_64", "channels_256", "channels_64", "channels_256",
-        "channels_256"]
-    assert rn.plan_rms_norm(64, 35, False, False) == "unaligned"
+    """The smallest tile holding every channel (one pass); above 512 channels the stepping tile; unaligned data
+    gets the unaligned tile, which always steps."""
+    channels = (3, 32, 64, 65, 96, 128, 192, 256, 384, 512, 513, 768, 1024)
+    assert [rn.plan_rms_norm(c, 64, False, True) for c in channels] == [
+        "channels_64", "channels_64", "channels_64", "channels_128", "channels_128", "channels_128", "channels_256",
+        "channels_256", "channels_512", "channels_512", "channels_256", "channels_256", "channels_256"]
+    assert [rn.one_block(rn.plan_rms_norm(c, 64, False, True), c) for c in channels] == [True] * 10 + [False] * 3
+    assert rn.plan_rms_norm(64, 35, False, False) == "unaligned" and not rn.one_block("unaligned", 8)
+
+
+def test_every_plan_is_compiled():
+    """Each (tile, ONE_BLOCK) the planner can pick, for any channel count, is in the ahead-of-time compile list."""
+    planned = {(name, rn.one_block(name, c)) for c in range(1, 1100)
+               for name in (rn.plan_rms_norm(c, 64, False, True), rn.plan_rms_norm(c, 63, False, False))}
+    assert planned == set(rn.plannable_tiles())
 
 
 def test_forced_tile_is_checked(device):

@@ -130,17 +130,22 @@ def _rms_norm_rows(device, batch, channels, side, backward):
     time_mlp = scale._base
     g = torch.empty(channels)
     patches = {rn: {"device_limits": _device_limits(device)}} if hasattr(rn, "device_limits") else {}
+    # A training step's calls: the forward saves rinv for the backward (at the Unet's 64+ channels).
+    save_rinv = channels >= rn.SAVE_RINV_MIN_CHANNELS
     if backward:
+        rinv = torch.empty(batch, side * side) if save_rinv else None
         launches = report.capture_launches(
             lambda: rn.rms_norm_backward(torch.empty_like(x), x, g, None, None, True, 1e-12,
-                                         [True, True, False, False, True], scale_shift=time_mlp), patches)
+                                         [True, True, False, False, True], scale_shift=time_mlp, rinv=rinv), patches)
     else:
         launches = report.capture_launches(
-            lambda: rn.rms_norm_forward(x, g, None, None, True, 1e-12, scale_shift=time_mlp), patches)
+            lambda: rn.rms_norm_forward(x, g, None, None, True, 1e-12, scale_shift=time_mlp, save_rinv=save_rinv),
+            patches)
     launch = [launch for launch in launches if "rms_norm" in launch.kernel.__name__][0]
     tile_elements = launch.kwargs["BLOCK_CHANNELS"] * launch.kwargs["BLOCK_PIXELS"]
     x_bytes = x.numel() * x.element_size()
-    minimum = (3 if backward else 2) * x_bytes
+    # The minimum: x (and dy) read, y (or dx) written, and the saved rinv written once and read once.
+    minimum = (3 if backward else 2) * x_bytes + (batch * side * side * 4 if save_rinv else 0)
     # A program re-reads only its own block of pixels over all channels (a few KB to 64 KB), within L1/L2.
     moved = minimum
     if backward:  # per-program partial sums of the parameter gradients, written in fp32

@@ -189,6 +189,20 @@ def _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mas
 
 
 @triton.jit
+def _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps):
+    """Save rinv (pixels,) for the backward, negated where the clamp max(||x||, eps) picked eps (where rinv does
+    not depend on x): rinv > 0, so its sign carries that bit at no cost."""
+    tl.store(rinv_ptr + batch.to(tl.int64) * pixels + pixel, tl.where(norm >= eps, rinv, -rinv), mask=pixel_valid)
+
+
+@triton.jit
+def _load_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels):
+    """(rinv, unclamped) (pixels,) from what _store_rinv saved."""
+    saved = tl.load(rinv_ptr + batch.to(tl.int64) * pixels + pixel, mask=pixel_valid, other=1.0)
+    return tl.abs(saved), saved > 0.0
+
+
+@triton.jit
 def _store_grad_x(grad_x_ptr, offsets, mask, rinv, du, coefficient, v, dot, CHANNELS_LAST: tl.constexpr,
                   ALIGN: tl.constexpr):
     """dx = rinv * (a - v * dot(a, v)), a = du * coefficient, written in dx's dtype."""
@@ -201,6 +215,7 @@ def _store_grad_x(grad_x_ptr, offsets, mask, rinv, du, coefficient, v, dot, CHAN
 def _rms_norm_forward_kernel(
     x_ptr, y_ptr,  # (B, C, H, W) in x.dtype, both contiguous in the layout CHANNELS_LAST says
     residual_ptr,  # (B, C, H, W) in x.dtype and x's layout, added to y; read only when has_residual
+    rinv_ptr,  # (B, H*W) fp32 output, written only when save_rinv: rinv, negated where the clamp picked eps
     g_ptr,  # (C,) raw bytes of any float dtype, unit stride
     scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
     batch_stride, line_stride,  # of x and y: C*H*W, and H*W (NCHW) or C (channels_last)
@@ -209,7 +224,7 @@ def _rms_norm_forward_kernel(
     pixel_blocks, blocks_per_program,  # cdiv(H*W, BLOCK_PIXELS), walked in chunks: the grid is B * chunks
     eps, sqrt_channels,
     dtype_codes,  # pack_dtype_codes(g, scale, shift)
-    has_scale, has_shift, silu, has_residual,
+    has_scale, has_shift, silu, has_residual, save_rinv,
     BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     ONE_BLOCK: tl.constexpr,  # channels <= BLOCK_CHANNELS: one tile holds a pixel's channels, one pass
 ):
@@ -223,20 +238,26 @@ def _rms_norm_forward_kernel(
             scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift,
             BLOCK_CHANNELS)
         for pixel_block in range(first_block, end_block):
-            _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride,
-                                              line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            pixel, pixel_valid, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels,
+                                                            batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
             x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                    eviction_policy="evict_first"))
-            rinv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), eps)
+            norm = tl.sqrt(tl.sum(x * x, 0))
+            rinv = 1.0 / tl.maximum(norm, eps)
+            if save_rinv:
+                _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps)
             _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
                           CHANNELS_LAST, ALIGN)
     else:
         # Stepping: one pixel block per program (the plan's; a loop here cost registers, and spills on sm_80).
         pixel_block = first_block
         pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-        sum_of_squares = _sum_of_squares(x_ptr, batch, pixel, pixel < pixels, channels, batch_stride,
-                                         line_stride, BLOCK_CHANNELS, CHANNELS_LAST, ALIGN)
-        rinv = 1.0 / tl.maximum(tl.sqrt(sum_of_squares), eps)
+        pixel_valid = pixel < pixels
+        norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
+                                       BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
+        rinv = 1.0 / tl.maximum(norm, eps)
+        if save_rinv:
+            _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps)
         for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
             channel, channel_valid, coefficient, shift = _channel_block(
                 g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
@@ -255,6 +276,7 @@ def _rms_norm_backward_kernel(
     grad_y_ptr, x_ptr, grad_x_ptr,  # (B, C, H, W) in x.dtype, in the layout CHANNELS_LAST says (strides below)
     g_ptr,  # (C,) raw bytes of any float dtype, unit stride
     scale_ptr, shift_ptr,  # (B, C) raw bytes of any float dtype, strided, read only when has_scale / has_shift
+    rinv_ptr,  # (B, H*W) fp32: the forward's saved rinv (_store_rinv), read only when has_rinv
     partial_du_xhat_ptr, partial_du_ptr,  # (B, chunks, C) fp32 outputs: sums over this program's pixels
     batch_stride, line_stride,  # of x and grad_x
     grad_batch_stride, grad_line_stride,  # of grad_y (a channel slice of a larger tensor keeps its own: gradient_rows)
@@ -263,7 +285,7 @@ def _rms_norm_backward_kernel(
     pixel_blocks, blocks_per_program,  # as the forward's; chunks = cdiv(pixel_blocks, blocks_per_program)
     eps, sqrt_channels,
     dtype_codes,  # pack_dtype_codes(g, scale, shift)
-    has_scale, has_shift, silu,
+    has_scale, has_shift, silu, has_rinv,
     compute_grad_x,  # False: only the sums (for parameter gradients)
     BLOCK_CHANNELS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ALIGN: tl.constexpr,
     ONE_BLOCK: tl.constexpr,  # channels <= BLOCK_CHANNELS: x and dy read once, du computed once
@@ -283,19 +305,23 @@ def _rms_norm_backward_kernel(
         lane_du_v = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS // VECTOR], tl.float32)
         lane_du = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS // VECTOR], tl.float32)
         for pixel_block in range(first_block, end_block):
-            pixel, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels,
-                                                  batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            pixel, pixel_valid, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels,
+                                                            batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
             x, grad_y = _load_gradient_inputs(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride,
                                               line_stride, grad_batch_stride, grad_line_stride, "evict_first",
                                               CHANNELS_LAST, ALIGN)
-            norm = tl.sqrt(tl.sum(x * x, 0))
-            rinv = 1.0 / tl.maximum(norm, eps)
+            if has_rinv:
+                rinv, unclamped = _load_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels)
+            else:
+                norm = tl.sqrt(tl.sum(x * x, 0))
+                rinv = 1.0 / tl.maximum(norm, eps)
+                unclamped = norm >= eps
             v, du = _pre_activation_gradient(x, grad_y, rinv, coefficient, shift, silu)
             lane_du_v += run_sums(du * v, BLOCK_CHANNELS, BLOCK_PIXELS, VECTOR)
             lane_du += run_sums(du, BLOCK_CHANNELS, BLOCK_PIXELS, VECTOR)
             if compute_grad_x:
                 # Where the clamp max(||x||, eps) picks eps, rinv does not depend on x: no second term.
-                dot = tl.where(norm >= eps, tl.sum(du * coefficient[:, None] * v, 0), 0.0)
+                dot = tl.where(unclamped, tl.sum(du * coefficient[:, None] * v, 0), 0.0)
                 _store_grad_x(grad_x_ptr, offsets, mask, rinv, du, coefficient, v, dot, CHANNELS_LAST, ALIGN)
         tl.store(partial_du_xhat_ptr + partial_row + channel, tl.sum(lane_du_v, 1) * sqrt_channels,
                  mask=channel_valid)
@@ -305,9 +331,14 @@ def _rms_norm_backward_kernel(
         # registers across pixel blocks; a loop here also spilled on sm_80).
         pixel_block = first_block
         pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-        norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel < pixels, channels, batch_stride,
-                                       line_stride, BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
-        rinv = 1.0 / tl.maximum(norm, eps)
+        pixel_valid = pixel < pixels
+        if has_rinv:
+            rinv, unclamped = _load_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels)
+        else:
+            norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
+                                           BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
+            rinv = 1.0 / tl.maximum(norm, eps)
+            unclamped = norm >= eps
         # Pass 2: dot(a, v) per pixel (per lane across the channel blocks, summed once after), and this
         # program's per-channel sums for the parameter gradients.
         lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)
@@ -327,7 +358,7 @@ def _rms_norm_backward_kernel(
                      mask=channel_valid)
             tl.store(partial_du_ptr + partial_row + channel, tl.sum(du, 1), mask=channel_valid)
         if compute_grad_x:
-            dot = tl.where(norm >= eps, tl.sum(lane_dot, 0), 0.0)
+            dot = tl.where(unclamped, tl.sum(lane_dot, 0), 0.0)
             for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
                 channel, channel_valid, coefficient, shift = _channel_block(
                     g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
@@ -452,12 +483,14 @@ def _contiguous_parameter(t):
     return t if t.stride(0) == 1 else t.contiguous()
 
 
-def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None, residual=None, blocks=None):
+def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None, residual=None, blocks=None,
+                     save_rinv=False):
     """Forward launcher. x (B, C, H, W); g (C,); scale, shift (B, C) or None, or scale_shift (B, 2C) whose halves
     are (scale, shift); residual: x's shape and dtype, or None, added after the activation.
 
-    Returns y: x's shape and dtype, in kernel_memory_format(x). tile: a name in FORWARD_TILES, blocks: pixel blocks
-    per program, to force (tests).
+    Returns (y, rinv): y in x's shape and dtype, in kernel_memory_format(x); rinv (B, H*W) fp32, for
+    rms_norm_backward, when save_rinv (else None). tile: a name in FORWARD_TILES, blocks: pixel blocks per
+    program, to force (tests).
     """
     memory_format = kernel_memory_format(x)
     x = in_memory_format(x, memory_format)
@@ -467,23 +500,28 @@ def rms_norm_forward(x, g, scale, shift, silu, eps, tile=None, scale_shift=None,
                                                           backward=False, blocks=blocks)
     g = _contiguous_parameter(g)
     scale, shift = split_scale_shift(scale, shift, scale_shift)
-    channels, height, width = x.shape[1:]
+    batch, channels, height, width = x.shape
+    # Without save_rinv the kernel gets a one-element fp32 placeholder it never touches (the compiled signature's
+    # dtype: another tensor's would compile a second variant).
+    rinv = torch.empty(batch * height * width if save_rinv else 1, device=x.device, dtype=torch.float32)
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale, shift))
     _rms_norm_forward_kernel[grid](
-        x, y, x if residual is None else residual, *parameter_pointers,
+        x, y, x if residual is None else residual, rinv, *parameter_pointers,
         *row_strides(x.shape, memory_format), *scale_shift_strides,
         channels, height * width, pixel_blocks, blocks, float(eps), float(channels) ** 0.5, dtype_codes,
-        *runtime_flags(scale is not None, shift is not None, silu, residual is not None), **meta)
-    return y
+        *runtime_flags(scale is not None, shift is not None, silu, residual is not None, save_rinv), **meta)
+    return y, (rinv.view(batch, height * width) if save_rinv else None)
 
 
-def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, scale_shift=None, blocks=None):
+def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, scale_shift=None, blocks=None,
+                      rinv=None):
     """Backward launcher: gradients of rms_norm_forward's y (a residual's gradient is grad_y itself).
 
     needs: which of (x, g, scale, shift, scale_shift) want a gradient. Returns (dx, dg, d_scale, d_shift,
     d_scale_shift) in each input's dtype (dx in kernel_memory_format(x)), None where not needed. Two Triton launches:
     dx and per-program sums, then the parameter gradients (parameter_grads, after an ATen sum of the per-program
-    sums of each batch where a batch has several programs). tile, blocks: as rms_norm_forward's.
+    sums of each batch where a batch has several programs). tile, blocks: as rms_norm_forward's; rinv: the
+    forward's, or None to recompute it from x (a reduction over the channels of every pixel, again).
     """
     need_x, need_g, need_scale, need_shift, need_scale_shift = needs
     memory_format = kernel_memory_format(x)
@@ -500,10 +538,11 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
     partial_du_xhat, partial_du = partial_sums
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale_half, shift_half))
     _rms_norm_backward_kernel[grid](
-        grad_y, x, x if grad_x is None else grad_x, *parameter_pointers, partial_du_xhat, partial_du,
+        grad_y, x, x if grad_x is None else grad_x, *parameter_pointers, partial_du if rinv is None else rinv,
+        partial_du_xhat, partial_du,
         *row_strides(x.shape, memory_format), *grad_strides, *scale_shift_strides,
         channels, height * width, pixel_blocks, blocks, float(eps), float(channels) ** 0.5, dtype_codes,
-        *runtime_flags(scale_half is not None, shift_half is not None, silu, need_x), **meta)
+        *runtime_flags(scale_half is not None, shift_half is not None, silu, rinv is not None, need_x), **meta)
     # g plays weight (its sums carry the sqrt(C) factor already); there is no bias.
     d_g, _, d_scale, d_shift, d_scale_shift = parameter_grads(
         partial_sums, g, None, scale, shift, scale_shift, (need_g, False, need_scale, need_shift, need_scale_shift))
@@ -516,30 +555,35 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
 
 @torch.library.custom_op("fastunet::rms_norm_act", mutates_args=())
 def rms_norm_act_op(x: torch.Tensor, g: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
-                    scale_shift: Optional[torch.Tensor], residual: Optional[torch.Tensor], silu: bool,
-                    eps: float) -> torch.Tensor:
-    """y as rms_norm_act; scale_shift (B, 2C), when given, holds (scale, shift) as its halves (scale, shift None)."""
-    return rms_norm_forward(x, g, scale, shift, silu, eps, scale_shift=scale_shift, residual=residual)
+                    scale_shift: Optional[torch.Tensor], residual: Optional[torch.Tensor], silu: bool, eps: float,
+                    save_rinv: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rinv): y as rms_norm_act; rinv (B, H*W) fp32 for the backward when save_rinv, else empty. scale_shift
+    (B, 2C), when given, holds (scale, shift) as its halves (scale, shift None)."""
+    y, rinv = rms_norm_forward(x, g, scale, shift, silu, eps, scale_shift=scale_shift, residual=residual,
+                               save_rinv=save_rinv)
+    return y, x.new_empty(0, dtype=torch.float32) if rinv is None else rinv
 
 
 @rms_norm_act_op.register_fake
-def _(x, g, scale, shift, scale_shift, residual, silu, eps):
-    return empty_output(x)
+def _(x, g, scale, shift, scale_shift, residual, silu, eps, save_rinv):
+    batch, _, height, width = x.shape
+    return empty_output(x), x.new_empty((batch, height * width) if save_rinv else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastunet::rms_norm_act_backward", mutates_args=())
 def rms_norm_act_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, g: torch.Tensor, scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor], scale_shift: Optional[torch.Tensor], silu: bool, eps: float, needs: list[bool],
+    shift: Optional[torch.Tensor], scale_shift: Optional[torch.Tensor], rinv: Optional[torch.Tensor], silu: bool,
+    eps: float, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dg, d_scale, d_shift, d_scale_shift); a gradient not in `needs` (x, g, scale, shift, scale_shift) is an
-    empty placeholder."""
-    grads = rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, scale_shift=scale_shift)
+    empty placeholder. rinv: the forward's, or None."""
+    grads = rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, scale_shift=scale_shift, rinv=rinv)
     return tuple(gradient_or_empty(grad, x) for grad in grads)
 
 
 @rms_norm_act_backward_op.register_fake
-def _(grad_y, x, g, scale, shift, scale_shift, silu, eps, needs):
+def _(grad_y, x, g, scale, shift, scale_shift, rinv, silu, eps, needs):
     like = (x, g, scale, shift, scale_shift)
     return tuple(
         (empty_output(x) if i == 0 else x.new_empty(t.shape, dtype=t.dtype)) if need else x.new_empty(0)
@@ -548,26 +592,37 @@ def _(grad_y, x, g, scale, shift, scale_shift, silu, eps, needs):
 
 
 def _setup_context(ctx, inputs, output):
-    x, g, scale, shift, scale_shift, residual, silu, eps = inputs
-    ctx.save_for_backward(x, g, scale, shift, scale_shift)
+    x, g, scale, shift, scale_shift, residual, silu, eps, save_rinv = inputs
+    _, rinv = output
+    ctx.mark_non_differentiable(rinv)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for rinv (nor a kernel to fill it)
+    ctx.save_for_backward(x, g, scale, shift, scale_shift, rinv if save_rinv else None)
     ctx.silu, ctx.eps = silu, eps
 
 
-def _backward(ctx, grad_y):
-    x, g, scale, shift, scale_shift = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_rinv):
+    if grad_y is None:  # y did not reach the loss (not materialized as zeros: set_materialize_grads above)
+        return (None,) * 9
+    x, g, scale, shift, scale_shift, rinv = ctx.saved_tensors
     need_x, need_g, need_scale, need_shift, need_scale_shift, need_residual = ctx.needs_input_grad[:6]
     needs = [need_x, need_g, need_scale and scale is not None, need_shift and shift is not None,
              need_scale_shift and scale_shift is not None]
     grads = [None] * 5
     if any(needs):
-        grads = torch.ops.fastunet.rms_norm_act_backward(grad_y, x, g, scale, shift, scale_shift, ctx.silu, ctx.eps,
-                                                         needs)
+        grads = torch.ops.fastunet.rms_norm_act_backward(grad_y, x, g, scale, shift, scale_shift, rinv, ctx.silu,
+                                                         ctx.eps, needs)
         grads = [grad if need else None for grad, need in zip(grads, needs)]
     # d y / d residual is the identity.
-    return (*grads, grad_y if need_residual else None, None, None)
+    return (*grads, grad_y if need_residual else None, None, None, None)
 
 
 rms_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+# The forward saves rinv (B, H*W) fp32 for the backward from this many channels on: 1/C of x's elements, so at most
+# 3% of an fp32 x (6% of a 16-bit one) more kept for the backward, which in exchange skips a reduction over every
+# pixel's channels (at 64 channels a quarter of its instructions, bench/static_report.py). Narrower norms, whose
+# reduction is cheap and whose rinv would cost more memory relative to x, recompute it.
+SAVE_RINV_MIN_CHANNELS = 32
 
 
 def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=None):
@@ -582,7 +637,10 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=N
     scale_shift = halves_of_one(scale, shift)
     if scale_shift is not None:
         scale = shift = None
-    return torch.ops.fastunet.rms_norm_act(x, g, scale, shift, scale_shift, residual, silu, eps)
+    differentiable = (x, g, scale, shift, scale_shift)
+    save_rinv = (x.shape[1] >= SAVE_RINV_MIN_CHANNELS and torch.is_grad_enabled()
+                 and any(t is not None and t.requires_grad for t in differentiable))
+    return torch.ops.fastunet.rms_norm_act(x, g, scale, shift, scale_shift, residual, silu, eps, save_rinv)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -603,9 +661,9 @@ def gpu_compile_configs():
     bytes with runtime dtype codes and optional inputs are runtime flags, so nothing else varies."""
     kernels = (
         (_rms_norm_forward_kernel, ("x_ptr", "y_ptr", "residual_ptr"), ("has_scale", "has_shift", "silu",
-                                                                          "has_residual")),
+                                                                          "has_residual", "save_rinv")),
         (_rms_norm_backward_kernel, ("grad_y_ptr", "x_ptr", "grad_x_ptr"),
-         ("has_scale", "has_shift", "silu", "compute_grad_x")),
+         ("has_scale", "has_shift", "silu", "has_rinv", "compute_grad_x")),
     )
     for (kernel, x_pointers, flags), backward in zip(kernels, (False, True)):
         for (name, single), channels_last, dtype in itertools.product(plannable_tiles(), (False, True),

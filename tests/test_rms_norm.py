@@ -61,14 +61,16 @@ class _ForcedTile(torch.autograd.Function):
     def forward(ctx, x, g, scale, shift, silu, eps, tile, blocks):
         ctx.save_for_backward(x, g, scale, shift)
         ctx.silu, ctx.eps, ctx.tile, ctx.blocks = silu, eps, tile, blocks
-        return rn.rms_norm_forward(x, g, scale, shift, silu, eps, tile=tile, blocks=blocks)
+        y, ctx.rinv = rn.rms_norm_forward(x, g, scale, shift, silu, eps, tile=tile, blocks=blocks,
+                                          save_rinv=x.shape[1] >= rn.SAVE_RINV_MIN_CHANNELS)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, g, scale, shift = ctx.saved_tensors
         needs = [ctx.needs_input_grad[i] and t is not None for i, t in enumerate((x, g, scale, shift))] + [False]
         grads = rn.rms_norm_backward(grad_y, x, g, scale, shift, ctx.silu, ctx.eps, needs, tile=ctx.tile,
-                                     blocks=ctx.blocks)
+                                     blocks=ctx.blocks, rinv=ctx.rinv)
         return (*grads[:4], None, None, None, None)
 
 
@@ -134,10 +136,12 @@ def test_fp16_large_magnitudes_stay_finite(device):
     assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads)
 
 
-def test_zero_pixels_take_the_eps_branch(device):
+@pytest.mark.parametrize("channels", [16, 48], ids=["rinv-recomputed", "rinv-saved"])
+def test_zero_pixels_take_the_eps_branch(channels, device):
     """A pixel whose channels are all zero has ||x|| < eps: y = 0, and dx = g-scaled dy / eps with no
-    normalization term, as the clamp's gradient says (matched against autograd through the reference)."""
-    x, g, scale, shift = make_inputs((1, 16, 4, 4), torch.float32, device)
+    normalization term, as the clamp's gradient says (matched against autograd through the reference); with rinv
+    recomputed by the backward and saved by the forward (its sign carries the clamp)."""
+    x, g, scale, shift = make_inputs((1, channels, 4, 4), torch.float32, device)
     x[:, :, 1, 2] = 0
     x[:, :, 3, 0] = 1e-14  # nonzero, still below eps = 1e-12 in norm
     check_against_reference(x, g, scale, shift, False)
@@ -178,6 +182,23 @@ def test_stepping_tiles_take_one_pixel_block_per_program(device):
     x, g, scale, shift = make_inputs((2, 300, 4, 4), torch.float32, device)
     with pytest.raises(ValueError, match="one pixel block per program, not 2"):
         rn.rms_norm_forward(x, g, scale, shift, True, 1e-12, tile="channels_256", blocks=2)
+
+
+@pytest.mark.parametrize("channels", [16, 48])
+def test_rinv_is_saved_only_where_it_pays(channels, device):
+    """The forward keeps rinv (B, H*W) fp32 for the backward from SAVE_RINV_MIN_CHANNELS channels on, and only
+    when a gradient will be asked for; the narrower norm's backward recomputes it."""
+    x, g, scale, shift = make_inputs((2, channels, 4, 4), torch.float32, device)
+    saved = []
+
+    def kept_rinv(requires_grad):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            rn.rms_norm_act(x.clone().requires_grad_(requires_grad), g, scale, shift, True)
+        return [t for t in saved if t.shape == (2, 16) and t.dtype == torch.float32]
+
+    assert len(kept_rinv(True)) == (1 if channels >= rn.SAVE_RINV_MIN_CHANNELS else 0)
+    assert kept_rinv(False) == []
 
 
 def test_strided_inputs_are_copied_correctly(device):
@@ -266,10 +287,11 @@ def test_forced_tile_is_checked(device):
         rn.rms_norm_forward(x, g, scale, shift, True, 1e-12, tile="channels_64")
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("save_rinv", [False, True], ids=["recomputed-rinv", "saved-rinv"])
+def test_opcheck(save_rinv, device):
     x, g, scale, _ = make_inputs((2, 8, 4, 4), torch.float32, device)
     args = [t.detach().clone().requires_grad_() for t in (x, g, scale)]
-    torch.library.opcheck(torch.ops.fastunet.rms_norm_act.default, (*args, None, None, None, True, 1e-12))
+    torch.library.opcheck(torch.ops.fastunet.rms_norm_act.default, (*args, None, None, None, True, 1e-12, save_rinv))
 
 
 def test_torch_compile(device):

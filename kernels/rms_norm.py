@@ -433,19 +433,20 @@ def plan_rms_norm(channels, pixels, channels_last, aligned):
     return min(one_block_tiles, key=lambda name: FORWARD_TILES[name].channels) if one_block_tiles else STEPPING_TILE
 
 
-def blocks_per_program(batch, pixel_blocks, single, num_sms):
+def blocks_per_program(batch, pixel_blocks, single, num_sms, backward):
     """Pixel blocks one program walks: enough that the channels' coefficients, loaded once per program, and the
-    sums for the parameter gradients, summed over lanes once per program, cost little per tile, while
-    PROGRAMS_PER_SM programs per SM keep the waves' tails short. One for the stepping tiles."""
+    sums for the parameter gradients, summed over lanes once per program, cost little per tile, while about two
+    waves of programs (PROGRAMS_PER_SM) keep the waves' tails short. One for the stepping tiles."""
     if not single:
         return 1
-    return max(1, min(pixel_blocks, -(-batch * pixel_blocks // (PROGRAMS_PER_SM * num_sms))))
+    programs = PROGRAMS_PER_SM[backward] * num_sms
+    return max(1, min(pixel_blocks, -(-batch * pixel_blocks // programs)))
 
 
-# 8 programs per SM: about 2 waves at the 4 (forward) or 2 (backward, 8 warps) programs an SM holds at once with
-# the walking kernels' registers (bench/static_report.py), and 2 pixel blocks per program from 64x64 maps at
-# batch 32 on 132 SMs.
-PROGRAMS_PER_SM = 8
+# Programs per SM (forward, backward): two waves of the 4 (forward, 4 warps) or 2 (backward, 8 warps) programs an
+# SM holds at once with the walking kernels' registers (bench/static_report.py). At batch 32 on 132 SMs the
+# backward walks 2 pixel blocks per program from 32x32 maps up, the forward from 64x64.
+PROGRAMS_PER_SM = (8, 4)
 
 
 def _prepare_launch(tile_name, tensors, backward, strides=(), blocks=None):
@@ -464,7 +465,7 @@ def _prepare_launch(tile_name, tensors, backward, strides=(), blocks=None):
     single = one_block(tile_name, channels)
     pixel_blocks = -(-(height * width) // tile.pixels)
     if blocks is None:
-        blocks = blocks_per_program(batch, pixel_blocks, single, device_limits(x.device)[0])
+        blocks = blocks_per_program(batch, pixel_blocks, single, device_limits(x.device)[0], backward)
     elif blocks != 1 and not single:
         raise ValueError(f"rms_norm_act: tile {tile_name!r} steps through {channels} channels: one pixel block "
                          f"per program, not {blocks}")

@@ -272,6 +272,10 @@ def test_plan_heuristic():
         "channels_256", "channels_512", "channels_512", "channels_256", "channels_256", "channels_256"]
     assert [rn.one_block(rn.plan_rms_norm(c, 64, False, True), c) for c in channels] == [True] * 10 + [False] * 3
     assert rn.plan_rms_norm(64, 35, False, False) == "unaligned" and not rn.one_block("unaligned", 8)
+    # Pixel blocks per program on 132 SMs at batch 32: about two waves of programs; stepping tiles take one.
+    assert [rn.blocks_per_program(32, 256, True, 132, backward) for backward in (False, True)] == [8, 16]
+    assert [rn.blocks_per_program(32, 16, True, 132, backward) for backward in (False, True)] == [1, 1]
+    assert rn.blocks_per_program(32, 256, False, 132, True) == 1
 
 
 def test_every_plan_is_compiled():

@@ -143,7 +143,7 @@ def _row(label, launch, device, side):
     elements = BATCH * HEADS * n * HEAD_DIM
     minimum = 4 * elements * 2  # q, k, v read and one output written, bf16 (the backward moves ~2x more)
     return report.kernel_row(label, launch, device, tile_elements=1, elements=0, element_size=2,
-                             bytes_moved=minimum, bytes_minimum=minimum)
+                             bytes_moved=minimum, bytes_minimum=minimum, per_element=False)
 
 
 def sections(device, module=None):
@@ -165,8 +165,8 @@ def sections(device, module=None):
                     continue
                 notes.append("autotune candidate: " + _step_note(f"B{BATCH} N{n}", launch, device))
         notes.append(f"Triton launches: forward {len(forward)}, backward {len(backward)} (torch ops besides them are "
-                     "counted by bench/kernel_count.py). The instr/elem and issue/HBM columns do not apply to these "
-                     "compute-bound kernels (their main loop is read above).")
+                     "counted by bench/kernel_count.py). The per-element and issue columns are left blank for these "
+                     "compute-bound kernels: their main loop is read above.")
         yield report.Section(f"flash attention ({pathlib.Path(module.__file__).name}): bf16, heads {HEADS}, "
                              f"d {HEAD_DIM}, M {MEM} fp32 slots, N {n}", rows, notes)
 

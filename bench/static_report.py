@@ -14,8 +14,8 @@ measured on a GPU. For each kernel launch, at the Unet's shapes, on the report's
   per iteration; with the special-function (MUFU), shuffle (SHFL) and barrier (BAR) instructions among them.
   A kernel without any loop (one tile per program) counts its whole body instead, setup included, marked
   "(whole kernel)". They are counted in a second compile of the launch with its runtime on/off flags (bool
-  arguments: has_residual, silu, ...) made constants, so that the code a flag that is off jumps over is not counted; registers, shared
-  memory and spills are those of the kernel that runs, with the flags as arguments;
+  arguments: has_residual, silu, ...) made constants, so that the code a flag that is off jumps over is not
+  counted; registers, shared memory and spills are those of the kernel that runs, with the flags as arguments;
 - bytes moved (the section's L2 model) vs the minimum (each input read once, each output written once);
 - issue floor vs HBM floor: warp instructions of the tile loops / (SMs x 4 schedulers x clock), against minimum
   bytes / HBM bandwidth. An issue floor above ~0.6x the HBM floor means the kernel cannot reach its bandwidth
@@ -292,6 +292,7 @@ class Row:
     hbm_us: float
     device: Device
     whole_kernel: bool = False  # no loops: the instructions are the whole kernel's, one tile per program
+    per_element: bool = True  # False: a compute-bound kernel, whose per-element columns mean nothing ("-")
 
 
     def cells(self):
@@ -300,10 +301,14 @@ class Row:
         if self.whole_kernel:
             per_loop += " (whole kernel)"
         special = " + ".join(f"{m:.2f}/{s:.2f}/{b:.3f}" for m, s, b in self.loop_special) or "-"
+        floors = [f"{self.issue_us:.1f}", f"{self.sfu_us:.1f}", f"{self.hbm_us:.1f}",
+                  f"{self.issue_us / self.hbm_us:.2f}", f"{self.sfu_us / self.hbm_us:.2f}"]
+        if not self.per_element:
+            per_loop = special = "-"
+            floors = ["-", "-", floors[2], "-", "-"]
         return [self.label, self.kernel, f"{self.programs}", f"{self.resident}", f"{waves:.2f}",
                 f"{self.registers}", f"{self.shared}", f"{self.spills}", per_loop, special,
-                f"{self.bytes_moved / self.bytes_minimum:.2f}", f"{self.issue_us:.1f}", f"{self.sfu_us:.1f}",
-                f"{self.hbm_us:.1f}", f"{self.issue_us / self.hbm_us:.2f}", f"{self.sfu_us / self.hbm_us:.2f}"]
+                f"{self.bytes_moved / self.bytes_minimum:.2f}", *floors]
 
 
 HEADER = ["launch", "kernel", "grid", "per SM", "waves", "regs", "smem", "spill", "instr/elem per tile loop",
@@ -330,14 +335,15 @@ def resident_programs(compiled, device):
 
 
 def kernel_row(label, launch, device, *, tile_elements, elements, element_size, bytes_moved, bytes_minimum,
-               programs=None, loops_run=None):
+               programs=None, loops_run=None, per_element=True):
     """A Row for one captured launch.
 
     tile_elements: elements one iteration of each tile loop handles per program; elements: elements each tile loop
     walks over the whole launch (x.numel() for a loop over the whole tensor); element_size: bytes of x's dtype;
     bytes_moved: the section's L2 model of the HBM traffic; bytes_minimum: each input read once, each output
     written once; programs: override of the launch's programs (default: its grid); loops_run: indices of the tile
-    loops this launch runs (default all; a kernel whose runtime mode skips some, e.g. a split path's launches).
+    loops this launch runs (default all; a kernel whose runtime mode skips some, e.g. a split path's launches);
+    per_element: False for a compute-bound kernel, whose row then leaves the per-element and issue columns blank.
     """
     compiled = compile_launch(launch, device.arch)
     counted = compile_launch(launch, device.arch, fold_flags=True)
@@ -350,17 +356,17 @@ def kernel_row(label, launch, device, *, tile_elements, elements, element_size, 
         loops = [Loop(counted.sass)]
     if loops_run is not None:
         loops = [loops[index] for index in loops_run]
-    per_element = [len(loop.instructions) / elements_per_thread for loop in loops]
+    loop_instructions = [len(loop.instructions) / elements_per_thread for loop in loops]
     special = [tuple(loop.count(p) / elements_per_thread for p in ("MUFU", "SHFL", "BAR")) for loop in loops]
     # Warp instructions: each thread's per-element count, over 32 lanes of a warp.
-    warp_instructions = sum(per_element) * elements / 32
+    warp_instructions = sum(loop_instructions) * elements / 32
     issue_us = warp_instructions / (device.num_sms * device.schedulers_per_sm * device.clock_ghz * 1e9) * 1e6
     special_ops = sum(mufu for mufu, _, _ in special) * elements
     sfu_us = special_ops / (device.num_sms * device.special_functions_per_sm_per_clock * device.clock_ghz * 1e9) * 1e6
     hbm_us = bytes_minimum / device.hbm_bytes_per_s * 1e6
     return Row(label, compiled.name.strip("_"), programs or launch.programs, resident_programs(compiled, device),
-               compiled.registers, compiled.shared, compiled.spills, per_element, special, bytes_moved, bytes_minimum,
-               issue_us, sfu_us, hbm_us, device, whole_kernel)
+               compiled.registers, compiled.shared, compiled.spills, loop_instructions, special, bytes_moved,
+               bytes_minimum, issue_us, sfu_us, hbm_us, device, whole_kernel, per_element)
 
 
 def format_section(section):

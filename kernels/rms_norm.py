@@ -134,6 +134,22 @@ def _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride
 
 
 @triton.jit
+def _stepping_tile(g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel_block, channels, pixels, sqrt_channels,
+                   batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+                   shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS: tl.constexpr,
+                   BLOCK_PIXELS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """A stepping pass's tile, channel block `channel_block` over pixel block `pixel_block`: (channel,
+    channel_valid, coefficient, shift) of _channel_block and (mask, offsets) of _pixel_tile."""
+    channel, channel_valid, coefficient, shift = _channel_block(
+        g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels, scale_batch_stride,
+        scale_channel_stride, shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift,
+        BLOCK_CHANNELS)
+    _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride, line_stride,
+                                      BLOCK_PIXELS, CHANNELS_LAST)
+    return channel, channel_valid, coefficient, shift, mask, offsets
+
+
+@triton.jit
 def _program_blocks(pixel_blocks, blocks_per_program):
     """(batch, chunk, first pixel block, end pixel block) of this program: chunk `chunk` of its batch's pixel
     blocks, blocks_per_program of them (fewer in the last chunk)."""
@@ -259,12 +275,11 @@ def _rms_norm_forward_kernel(
         if save_rinv:
             _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps)
         for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-            channel, channel_valid, coefficient, shift = _channel_block(
-                g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
-                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                dtype_codes, has_scale, has_shift, BLOCK_CHANNELS)
-            _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride,
-                                              line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            channel, channel_valid, coefficient, shift, mask, offsets = _stepping_tile(
+                g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel_block, channels, pixels, sqrt_channels,
+                batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+                shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, BLOCK_PIXELS,
+                CHANNELS_LAST)
             x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                    eviction_policy="evict_first"))
             _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
@@ -343,12 +358,11 @@ def _rms_norm_backward_kernel(
         # program's per-channel sums for the parameter gradients.
         lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)
         for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-            channel, channel_valid, coefficient, shift = _channel_block(
-                g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
-                scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                dtype_codes, has_scale, has_shift, BLOCK_CHANNELS)
-            _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels, batch_stride,
-                                              line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+            channel, channel_valid, coefficient, shift, mask, offsets = _stepping_tile(
+                g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel_block, channels, pixels, sqrt_channels,
+                batch_stride, line_stride, scale_batch_stride, scale_channel_stride, shift_batch_stride,
+                shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS, BLOCK_PIXELS,
+                CHANNELS_LAST)
             # Pass 3 reads this tile again: ask L2 to keep it.
             v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride, line_stride,
                                    grad_batch_stride, grad_line_stride, rinv, coefficient, shift, silu,
@@ -360,12 +374,11 @@ def _rms_norm_backward_kernel(
         if compute_grad_x:
             dot = tl.where(unclamped, tl.sum(lane_dot, 0), 0.0)
             for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
-                channel, channel_valid, coefficient, shift = _channel_block(
-                    g_ptr, scale_ptr, shift_ptr, batch, channel_block, channels, sqrt_channels,
-                    scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
-                    dtype_codes, has_scale, has_shift, BLOCK_CHANNELS)
-                _, _, mask, offsets = _pixel_tile(batch, channel, channel_valid, pixel_block, pixels,
-                                                  batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
+                _, _, coefficient, shift, mask, offsets = _stepping_tile(
+                    g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel_block, channels, pixels,
+                    sqrt_channels, batch_stride, line_stride, scale_batch_stride, scale_channel_stride,
+                    shift_batch_stride, shift_channel_stride, dtype_codes, has_scale, has_shift, BLOCK_CHANNELS,
+                    BLOCK_PIXELS, CHANNELS_LAST)
                 v, du = _gradient_tile(grad_y_ptr, x_ptr, offsets, mask, batch, pixel, batch_stride,
                                        line_stride, grad_batch_stride, grad_line_stride, rinv, coefficient,
                                        shift, silu, "evict_first", CHANNELS_LAST, ALIGN)

@@ -152,9 +152,9 @@ def gradient_tile_pointers(grad_ptr, offsets, batch, pixel, batch_stride, line_s
 
 @triton.jit
 def run_sums(value, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR: tl.constexpr):
-    """Sums of each run of VECTOR consecutive pixels of a [rows, pixels] tile (rows: channels, or a group's channels): [rows, pixels / VECTOR]. A run of
-    the 16-byte vector of an NCHW row (or of 1) lies in one thread, so that is adds in registers; a run of the
-    whole row (VECTOR = BLOCK_PIXELS) is a block-wide sum."""
+    """Sums of each run of VECTOR consecutive pixels of a [rows, pixels] tile (rows: a group's channels, or a
+    norm's): [rows, pixels / VECTOR]. A run of the 16-byte vector of an NCHW row (or of 1) lies in one thread, so
+    that is adds in registers; a run of the whole row (VECTOR = BLOCK_PIXELS) is a block-wide sum."""
     if VECTOR == 1:
         return value
     if VECTOR == BLOCK_PIXELS:

@@ -31,6 +31,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_patching import skip_redundant_lang_patching
+
+    skip_redundant_lang_patching()  # half the time of an interpreted GroupNorm step; the same results
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

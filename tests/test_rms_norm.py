@@ -298,8 +298,9 @@ def test_opcheck(save_rinv, device):
     torch.library.opcheck(torch.ops.fastunet.rms_norm_act.default, (*args, None, None, None, True, 1e-12, save_rinv))
 
 
-def test_torch_compile(device):
-    x, g, scale, shift = make_inputs((2, 8, 4, 4), torch.float32, device)
+@pytest.mark.parametrize("channels", [8, 48], ids=["rinv-recomputed", "rinv-saved"])
+def test_torch_compile(channels, device):
+    x, g, scale, shift = make_inputs((2, channels, 4, 4), torch.float32, device)
     leaves = [t.detach().clone().requires_grad_() for t in (x, g, scale)]
 
     def block(x, g, scale):

@@ -47,6 +47,23 @@ def test_fp32_matches_reference(block_norm, device):
                      atol=5e-3 * grad.abs().max().item(), rtol=0)
 
 
+def test_fp32_matches_reference_with_wide_rms_norms(device):
+    """32 channels and more: the RMSNorm forward saves rinv for its backward (SAVE_RINV_MIN_CHANNELS), through the
+    ResnetBlocks' recomputation and the attention layers' norms, against the reference."""
+    from fastunet.kernels.rms_norm import SAVE_RINV_MIN_CHANNELS
+
+    torch.manual_seed(0)
+    model = fastunet.Unet(dim=SAVE_RINV_MIN_CHANNELS, dim_mults=(1,), attn_heads=2, attn_dim_head=16,
+                          block_norm="rms").to(device)
+    x, time = torch.randn(2, 3, 4, 4, device=device), torch.tensor([10, 700], device=device)
+    expected, expected_grads = run(model, x, time, "reference")
+    actual, actual_grads = run(model, x, time, "triton")
+    assert_close(actual, expected, what="rms fp32 output", atol=2e-3, rtol=2e-3)
+    for name, grad in expected_grads.items():
+        assert_close(actual_grads[name], grad, what=f"rms fp32 grad {name}", atol=5e-3 * grad.abs().max().item(),
+                     rtol=0)
+
+
 @pytest.mark.parametrize("block_norm", ["group", "rms"])
 def test_bf16_autocast_error_is_comparable_to_the_reference(block_norm, device):
     """Under bf16 autocast both paths round activations, at different places (the fused ops return bf16 and run

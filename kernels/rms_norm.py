@@ -10,16 +10,17 @@ shift are loaded once per chunk). Where one tile holds every channel (ONE_BLOCK,
 block is one pass: x is read once, rinv = 1 / max(||x||, eps) is a sum over the tile's channels (fp32: the
 squares of fp16's 6e4 are 3.6e9, far from fp32's range), and `act(x * rinv * coefficient + shift)` is written
 from registers. Wider norms step through their channels: pass 1 sums x^2, pass 2 re-reads the tiles pass 1 just
-read (L1/L2 hits; x leaves HBM once) and writes. No statistics are saved: the backward recomputes rinv from x,
-which it reads anyway.
+read (L1/L2 hits; x leaves HBM once) and writes. When a gradient will be asked for, the forward saves rinv
+(B, H*W) fp32 for the backward from SAVE_RINV_MIN_CHANNELS channels on; narrower norms' backward recomputes it
+from x, which it reads anyway.
 
 The backward: with v = x * rinv and a = dL/dv = du * g * sqrt(C) * (1 + scale) (du = dL/d(pre-activation)), the
 per-pixel dot(a, v), the per-channel sums of du * v * sqrt(C) and du over the program's pixels (stored per
 program, summed over programs by torch.sum for the parameter gradients: deterministic, no atomics), and
 dx = rinv * (a - v * dot(a, v)), the second term only where ||x|| >= eps (elsewhere the clamp is constant and so
 is its gradient). One pass per pixel block under ONE_BLOCK (x and dy read once, du computed once, the parameter
-sums kept per lane across the chunk and summed over lanes once); three when stepping (rinv; dot and the sums;
-dx), with one pixel block per program.
+sums kept per lane across the chunk and summed over lanes once); when stepping, with one pixel block per program,
+rinv (unless saved), then dot and the sums, then dx.
 """
 
 import itertools
@@ -265,7 +266,7 @@ def _rms_norm_forward_kernel(
             _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
                           CHANNELS_LAST, ALIGN)
     else:
-        # Stepping: one pixel block per program (the plan's; a loop here cost registers, and spills on sm_80).
+        # Stepping: one pixel block per program, as blocks_per_program gives it (see the backward's).
         pixel_block = first_block
         pixel = pixel_block * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
         pixel_valid = pixel < pixels
@@ -548,6 +549,10 @@ def rms_norm_backward(grad_y, x, g, scale, shift, silu, eps, needs, tile=None, s
     g = _contiguous_parameter(g)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels, height, width = x.shape
+    if rinv is not None and (rinv.shape != (batch, height * width) or rinv.dtype != torch.float32
+                             or not rinv.is_contiguous()):
+        raise ValueError(f"rms_norm_backward: rinv must be the forward's contiguous fp32 "
+                         f"{(batch, height * width)}, got {rinv.dtype} {tuple(rinv.shape)}")
     partial_sums = torch.empty(2, batch, chunks, channels, device=x.device, dtype=torch.float32)
     partial_du_xhat, partial_du = partial_sums
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(x, (g,), (scale_half, shift_half))

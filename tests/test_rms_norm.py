@@ -178,6 +178,15 @@ def test_programs_walk_several_pixel_blocks(channels_last, device):
         check_against_reference(x, g, scale, shift, True, tile="channels_64", blocks=blocks)
 
 
+def test_backward_refuses_a_rinv_of_another_shape(device):
+    x, g, scale, shift = make_inputs((2, 48, 4, 4), torch.float32, device)
+    _, rinv = rn.rms_norm_forward(x, g, scale, shift, True, 1e-12, save_rinv=True)
+    assert rinv.shape == (2, 16) and rinv.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"contiguous fp32 \(2, 16\), got torch.float32 \(2, 8\)"):
+        rn.rms_norm_backward(torch.ones_like(x), x, g, scale, shift, True, 1e-12, [True] * 4 + [False],
+                             rinv=rinv[:, :8].contiguous())
+
+
 def test_stepping_tiles_take_one_pixel_block_per_program(device):
     x, g, scale, shift = make_inputs((2, 300, 4, 4), torch.float32, device)
     with pytest.raises(ValueError, match="one pixel block per program, not 2"):

@@ -19,13 +19,14 @@ def skip_redundant_lang_patching():
         import triton.language as tl
         from triton.runtime import interpreter
 
-        original = interpreter._patch_lang
+        original_patch = interpreter._patch_lang
+        original_launch = interpreter.GridExecutor.__call__
         empty_scope = interpreter._LangPatchScope
     except (ImportError, AttributeError):
         return False
-    if getattr(original, "skips_redundant_patching", False):
+    if getattr(original_patch, "skips_redundant_patching", False):
         return True
-    patched = set()  # ids of the language modules the running launch has patched
+    launches = []  # one entry per running launch: the ids of the language modules it has patched
     modules_of = {}  # id of a function's globals: the ids of the language modules they name (fixed after import)
 
     def language_modules(fn):
@@ -36,22 +37,25 @@ def skip_redundant_lang_patching():
         return modules_of[key]
 
     def patch_lang(fn):
+        if not launches:  # outside a launch: Triton's own behaviour
+            return patch_lang.original(fn)
         modules = language_modules(fn)
-        if patched and modules <= patched:
+        if modules and modules <= launches[-1]:
             return empty_scope()
-        launch = not patched  # the kernel launch's own patching (helpers run only inside one)
-        scope = original(fn)
-        patched.update(modules)
-        if launch:
-            restore = scope.restore
-
-            def restore_and_forget():
-                patched.clear()
-                restore()
-
-            scope.restore = restore_and_forget
+        scope = patch_lang.original(fn)
+        launches[-1].update(modules)
         return scope
 
+    def launch(self, *args, **kwargs):
+        # Whatever this launch patched, it restores when it ends (Triton's code), and is forgotten here with it.
+        launches.append(set())
+        try:
+            return original_launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
     patch_lang.skips_redundant_patching = True
+    patch_lang.original = original_patch  # Triton's own, called through this attribute (tests count its calls)
     interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = launch
     return True

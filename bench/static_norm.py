@@ -131,7 +131,7 @@ def _rms_norm_rows(device, batch, channels, side, backward):
     g = torch.empty(channels)
     patches = {rn: {"device_limits": _device_limits(device)}} if hasattr(rn, "device_limits") else {}
     # A training step's calls: the forward saves rinv for the backward (at the Unet's 64+ channels).
-    save_rinv = channels >= rn.SAVE_RINV_MIN_CHANNELS
+    save_rinv = rn.rinv_pays(channels)
     if backward:
         rinv = torch.empty(batch, side * side) if save_rinv else None
         launches = report.capture_launches(

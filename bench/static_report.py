@@ -294,7 +294,6 @@ class Row:
     whole_kernel: bool = False  # no loops: the instructions are the whole kernel's, one tile per program
     per_element: bool = True  # False: a compute-bound kernel, whose per-element columns mean nothing ("-")
 
-
     def cells(self):
         waves = self.programs / (self.device.num_sms * max(1, self.resident))
         per_loop = " + ".join(f"{n:.1f}" for n in self.loop_instructions) or "-"

@@ -644,6 +644,11 @@ rms_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 SAVE_RINV_MIN_CHANNELS = 32
 
 
+def rinv_pays(channels):
+    """Whether a training forward of a norm over `channels` saves rinv for its backward."""
+    return channels >= SAVE_RINV_MIN_CHANNELS
+
+
 def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=None):
     """`silu?(x / max(||x||_2 over C, eps) * sqrt(C) * g * (scale + 1) + shift) + residual` per pixel, in x.dtype.
 
@@ -657,7 +662,7 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=N
     if scale_shift is not None:
         scale = shift = None
     differentiable = (x, g, scale, shift, scale_shift)
-    save_rinv = (x.shape[1] >= SAVE_RINV_MIN_CHANNELS and torch.is_grad_enabled()
+    save_rinv = (rinv_pays(x.shape[1]) and torch.is_grad_enabled()
                  and any(t is not None and t.requires_grad for t in differentiable))
     return torch.ops.fastunet.rms_norm_act(x, g, scale, shift, scale_shift, residual, silu, eps, save_rinv)[0]
 
@@ -667,8 +672,9 @@ def rms_norm_act(x, g, scale=None, shift=None, silu=False, eps=1e-12, residual=N
 
 
 def plannable_tiles():
-    """(tile name, ONE_BLOCK) of every launch plan_rms_norm can make."""
-    return [(name, name != "unaligned") for name in FORWARD_TILES] + [(STEPPING_TILE, False)]
+    """(tile name, ONE_BLOCK) of every launch plan_rms_norm can make: each tile at its own width, and the stepping
+    tile past it."""
+    return [(name, one_block(name, tile.channels)) for name, tile in FORWARD_TILES.items()] + [(STEPPING_TILE, False)]
 
 
 def gpu_compile_configs():

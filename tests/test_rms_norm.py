@@ -62,7 +62,7 @@ class _ForcedTile(torch.autograd.Function):
         ctx.save_for_backward(x, g, scale, shift)
         ctx.silu, ctx.eps, ctx.tile, ctx.blocks = silu, eps, tile, blocks
         y, ctx.rinv = rn.rms_norm_forward(x, g, scale, shift, silu, eps, tile=tile, blocks=blocks,
-                                          save_rinv=x.shape[1] >= rn.SAVE_RINV_MIN_CHANNELS)
+                                          save_rinv=rn.rinv_pays(x.shape[1]))
         return y
 
     @staticmethod

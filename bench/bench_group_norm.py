@@ -12,8 +12,12 @@ benchmark's dtype, weight and bias fp32, scale and shift the two halves of one (
 import pytest
 import torch
 
+from dataclasses import replace
+
 from fastunet import reference
+from fastunet.kernels import group_norm as gn
 from fastunet.kernels.group_norm import group_norm_act
+from fastunet.kernels.scale_shift_act import device_limits
 from measure import CUDA, GPU_ONLY_REASON, pass_step, record_kernel_counts, run_benchmark
 
 pytestmark = [
@@ -79,6 +83,39 @@ def test_group_norm(benchmark, shape, dtype, channels_last, implementation, pass
     run_benchmark(benchmark, step, bytes_moved=bytes_moved, op="group_norm_act", shape=list(shape), groups=GROUPS,
                   dtype=str(dtype), layout=layout,
                   implementation=implementation, pass_=pass_)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backward's persistent grid at the headline shape, a tuning question only a GPU answers. 256 groups of x and
+# dy (512 KB each) on an H100/H200: the planner's two rounds of 128 programs hold 64 MB in flight against a 50 MB
+# L2 (bench/static_report.py's model: ~22% of the second pass re-read from HBM, 1.15x the minimum bytes, issue
+# 0.60x the HBM floor); three rounds of 86 programs fit L2 (1.0x the bytes) with a third more work per busy SM
+# (issue ~0.9x); four rounds of 64 fit the planner's 3/4 budget. Which is fastest is what this group measures.
+
+@pytest.mark.skipif(not CUDA, reason=GPU_ONLY_REASON)
+@pytest.mark.parametrize("rounds", [None, 3, 4], ids=["planned", "3_rounds", "4_rounds"])
+def test_group_norm_backward_rounds(benchmark, rounds):
+    shape, dtype = (32, 64, 128, 128), torch.bfloat16
+    benchmark.group = f"group_norm backward persistent rounds {'x'.join(map(str, shape))} {str(dtype)[6:]} nchw"
+    benchmark.extra_info["baseline"] = rounds is None
+    x, weight, bias, time_embedding = _inputs(shape, dtype, False, requires_grad=False)
+    scale, shift = time_embedding.chunk(2, dim=1)
+    _, mean, rstd = gn.group_norm_forward(x, weight, bias, GROUPS, scale, shift, True, 1e-5)
+    grad_y = torch.randn_like(x)
+    plan = gn.plan_group_norm(shape[0], shape[1], shape[2] * shape[3], GROUPS, False, True, x.element_size(),
+                              *device_limits(x.device), backward=True)
+    packs = shape[0] * GROUPS // plan.groups_per_pack
+    if rounds is not None:
+        plan = replace(plan, programs=-(-packs // rounds))
+    needs = [True, True, True, False, False, True]
+
+    def step():
+        return gn.group_norm_backward(grad_y, x, weight, bias, GROUPS, None, None, True, mean, rstd, needs,
+                                      plan=plan, scale_shift=time_embedding)
+
+    run_benchmark(benchmark, step, bytes_moved=3 * x.numel() * x.element_size(), op="group_norm_backward",
+                  shape=list(shape), groups=GROUPS, dtype=str(dtype), layout="nchw", programs=plan.programs,
+                  pack_rounds=-(-packs // plan.programs))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -359,9 +359,11 @@ def kernel_row(label, launch, device, *, tile_elements, elements, element_size, 
     special = [tuple(loop.count(p) / elements_per_thread for p in ("MUFU", "SHFL", "BAR")) for loop in loops]
     # Warp instructions: each thread's per-element count, over 32 lanes of a warp.
     warp_instructions = sum(loop_instructions) * elements / 32
-    issue_us = warp_instructions / (device.num_sms * device.schedulers_per_sm * device.clock_ghz * 1e9) * 1e6
+    # A grid of fewer programs than SMs leaves the others idle: only the busy ones issue.
+    busy_sms = min(device.num_sms, programs or launch.programs)
+    issue_us = warp_instructions / (busy_sms * device.schedulers_per_sm * device.clock_ghz * 1e9) * 1e6
     special_ops = sum(mufu for mufu, _, _ in special) * elements
-    sfu_us = special_ops / (device.num_sms * device.special_functions_per_sm_per_clock * device.clock_ghz * 1e9) * 1e6
+    sfu_us = special_ops / (busy_sms * device.special_functions_per_sm_per_clock * device.clock_ghz * 1e9) * 1e6
     hbm_us = bytes_minimum / device.hbm_bytes_per_s * 1e6
     return Row(label, compiled.name.strip("_"), programs or launch.programs, resident_programs(compiled, device),
                compiled.registers, compiled.shared, compiled.spills, loop_instructions, special, bytes_moved,
@@ -393,8 +395,9 @@ def main(argv=None, device: Optional[Device] = None):
           f"{device.schedulers_per_sm} schedulers, HBM {device.hbm_bytes_per_s / 1e12:.2f} TB/s; triton "
           f"{triton.__version__}.")
     print("instr/elem: SASS instructions of each tile loop's body per element one thread handles in an iteration; "
-          "issue us: the tile loops' warp instructions / (SMs x schedulers x clock); SFU us: their MUFU operations / "
-          f"(SMs x {device.special_functions_per_sm_per_clock} per clock x clock); HBM us: minimum bytes / HBM "
+          "issue us: the tile loops' warp instructions / (busy SMs x schedulers x clock), busy SMs the fewer of the "
+          "SMs and the programs; SFU us: their MUFU operations / "
+          f"(busy SMs x {device.special_functions_per_sm_per_clock} per clock x clock); HBM us: minimum bytes / HBM "
           "bandwidth; bytes/min: the section's L2 model of HBM traffic over the minimum.")
     for module in section_modules(argv):
         for section in module.sections(device):

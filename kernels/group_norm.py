@@ -18,8 +18,10 @@ gamma = weight * (1 + scale), folded into three per-row coefficients; the parame
 per-row sums (parameter_grads).
 
 Three regimes, chosen by `plan_group_norm` from the shape (no autotuning):
-- many big groups: one program per SM or so, each looping over packs (a persistent grid): the groups being read
-  at any time (programs x group bytes) stay within L2, so phase B reads hit L2 and x comes from HBM once;
+- many big groups: one program per SM or so, each looping over packs (a persistent grid) in balanced rounds: the
+  groups being read at any time (programs x group bytes) stay within L2 where that leaves no SM idle, so phase B
+  reads hit L2 and x comes from HBM once (the backward at 128x128, batch 32, keeps 64 MB in flight: see
+  plan_group_norm);
 - few big groups (B * G < SMs / 2, e.g. batch 1 at 128x128): each pack's pixels are split into chunks across
   programs, in two launches: MODE_STATS writes per-(chunk, row) statistics, MODE_APPLY combines them in chunk
   order (deterministic) and normalizes its chunk;
@@ -448,21 +450,21 @@ def _group_norm_backward_kernel(
                     weight_ptr, bias_ptr, scale_ptr, shift_ptr, batch, channel, valid, mean, rstd,
                     scale_batch_stride, scale_channel_stride, shift_batch_stride, shift_channel_stride,
                     dtype_codes, has_weight, has_bias, has_scale, has_shift)
-                # The same per row as dx = du * du_coefficient + ((x - mean) * centered_coefficient + offset):
-                # 3 instructions per element where the formula takes 6. A group of one element normalizes to 0
-                # whatever x is: its gradient is exactly 0 (the formula's terms cancel only up to rounding).
+                # The same per row as dx = du * du_coefficient + (x * x_coefficient + offset): 2 instructions per
+                # element where the formula takes 6. x enters affinely as it does in the forward's x * alpha + beta
+                # (the mean folded into the offset, rounded once per element). A group of one element normalizes
+                # to 0 whatever x is: its gradient is exactly 0 (the formula's terms cancel only up to rounding).
                 several = group_size > 1.0
                 du_coefficient = tl.where(several, alpha, 0.0)  # alpha = rstd * gamma
-                centered_coefficient = tl.where(several, -rstd * rstd * mean_dxhat_xhat, 0.0)
-                offset = tl.where(several, -rstd * mean_dxhat, 0.0)
+                x_coefficient = tl.where(several, -rstd * rstd * mean_dxhat_xhat, 0.0)
+                offset = tl.where(several, -rstd * mean_dxhat - mean * x_coefficient, 0.0)
                 for reversed_pixel_block in range(first_block, end_block):
                     pixel_block = end_block - 1 - (reversed_pixel_block - first_block)
                     x, du, offsets, mask = _gradient_tile(
                         grad_y_ptr, x_ptr, batch, channel, valid, pixel_block, pixels, batch_stride, line_stride,
                         grad_batch_stride, grad_line_stride, alpha, beta, silu, "evict_first", BLOCK_PIXELS,
                         CHANNELS_LAST, ALIGN, GRAD_STRIDES)
-                    grad_x = du * du_coefficient[:, None] + ((x - mean[:, None]) * centered_coefficient[:, None]
-                                                             + offset[:, None])
+                    grad_x = du * du_coefficient[:, None] + (x * x_coefficient[:, None] + offset[:, None])
                     tl.store(tile_pointers(grad_x_ptr, offsets, CHANNELS_LAST, ALIGN),
                              grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
@@ -592,12 +594,16 @@ def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, ele
         return GroupNormPlan(name, groups_per_pack, min(pixel_blocks, -(-2 * num_sms // num_packs)), num_packs)
     # Persistent grid: the packs in flight (x, and dy in the backward) should fit the L2 budget, so that phase B
     # finds its tiles there; but never fewer programs than SMs, which would leave SMs without work: at 128x128,
-    # batch 32, bf16, the backward's 512 KB packs allow 75 programs, and its issue floor, 0.71x the HBM floor on
-    # 132 SMs in bench/static_report.py, would be 1.25x on 75: more than the re-read costs (a modelled 1.16x the
-    # minimum bytes at 132 programs).
+    # batch 32, bf16, the backward's 512 KB packs allow 75 programs, four rounds of its 256 packs, and its issue
+    # floor, 0.60x the HBM floor in two rounds on 128 SMs in bench/static_report.py, would be ~1.2x in four: more
+    # than the re-read costs (a modelled 1.15x the minimum bytes in two rounds). Three rounds (86 programs, all in
+    # L2, issue ~0.9x) come close; bench_group_norm.py's persistent-rounds group measures the three on a GPU.
+    # Then the fewest programs that take as many rounds of packs: the same time, fewer bytes in flight (256 packs
+    # on 132 SMs take two rounds either way; 128 programs hold 3% fewer packs than 132).
     pack_bytes = groups_per_pack * channels_per_group * pixels * element_size * (2 if backward else 1)
     programs = min(num_packs, max(num_sms, _l2_budget(l2_bytes) // pack_bytes))
-    return GroupNormPlan(name, groups_per_pack, 1, programs)
+    rounds = -(-num_packs // programs)
+    return GroupNormPlan(name, groups_per_pack, 1, -(-num_packs // rounds))
 
 
 def _prepare_launch(plan, tensors, groups, backward, strides=()):

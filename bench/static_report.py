@@ -160,10 +160,15 @@ class Compiled:
     constants: dict  # argument name -> value, constexprs and specialized ints
 
 
+# Integer arguments that only select a branch (the norms' packed parameter dtypes), folded like the bool flags.
+RUNTIME_SELECTORS = {"dtype_codes"}
+
+
 def specialization(launch, arch, fold_flags=False):
     """(signature, constexprs, attrs, options) of `launch` on sm_`arch`, from Triton's own binder: exactly what a
-    real launch with these argument values compiles. fold_flags: the bool arguments (runtime flags) become
-    constants of their launch values, so that the code they switch off is compiled out (for counting)."""
+    real launch with these argument values compiles. fold_flags: the bool arguments (runtime flags) and the packed
+    dtype codes of the parameters (RUNTIME_SELECTORS) become constants of their launch values, so that the code
+    they switch off, the branches of the other dtypes included, is compiled out (for counting what runs)."""
     backend = make_backend(GPUTarget("cuda", arch, 32))
     kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -172,8 +177,10 @@ def specialization(launch, arch, fold_flags=False):
     if fold_flags:
         signature, constexprs = dict(signature), dict(constexprs)
         for index, (name, value) in enumerate(zip(kernel.arg_names, launch.args)):
-            if isinstance(value, bool) and signature.get(name) != "constexpr":
+            runtime_selector = isinstance(value, bool) or (name in RUNTIME_SELECTORS and isinstance(value, int))
+            if runtime_selector and signature.get(name) != "constexpr":
                 signature[name], constexprs[(index,)] = "constexpr", value
+                attrs = {path: specs for path, specs in attrs.items() if path != (index,)}  # e.g. 0's divisibility
     return signature, constexprs, attrs, options
 
 

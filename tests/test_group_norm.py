@@ -7,6 +7,7 @@ ahead-of-time compile test at the end.
 """
 
 import dataclasses
+import itertools
 import warnings
 
 import pytest
@@ -309,6 +310,22 @@ def test_plan_heuristic():
     assert gn.plan_group_norm(16, 64, 128 * 128, 8, False, True, 2, **h100, backward=True).chunks == 1
     # Odd maps use the unaligned tile, whatever their size.
     assert gn.plan_group_norm(4, 64, 127 * 127, 8, False, False, 2, **h100).tile == "unaligned"
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_persistent_grid_takes_balanced_rounds(backward):
+    """The fused path's programs are the fewest that take their number of rounds of packs, and never more rounds
+    than one program per SM would take: no program walks more packs than it must, so the time is that of a grid
+    of one program per SM (or more), with fewer bytes in flight."""
+    for batch, side, channels in itertools.product((17, 32, 33, 64, 100), (64, 128), (64, 128)):
+        plan = gn.plan_group_norm(batch, channels, side * side, 8, False, True, 2, num_sms=132, l2_bytes=50 << 20,
+                                  backward=backward)
+        if plan.chunks > 1:
+            continue
+        packs = batch * 8 // plan.groups_per_pack
+        rounds = -(-packs // plan.programs)
+        assert plan.programs <= packs and rounds <= -(-packs // 132), (batch, side, channels, plan)
+        assert plan.programs == 1 or -(-packs // (plan.programs - 1)) > rounds, (batch, side, channels, plan)
 
 
 def test_forced_plan_is_checked(device):

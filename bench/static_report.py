@@ -14,11 +14,12 @@ measured on a GPU. For each kernel launch, at the Unet's shapes, on the report's
   per iteration; with the special-function (MUFU), shuffle (SHFL) and barrier (BAR) instructions among them.
   A kernel without any loop (one tile per program) counts its whole body instead, setup included, marked
   "(whole kernel)". They are counted in a second compile of the launch with its runtime on/off flags (bool
-  arguments: has_residual, silu, ...) made constants, so that the code a flag that is off jumps over is not
-  counted; registers, shared memory and spills are those of the kernel that runs, with the flags as arguments;
+  arguments: has_residual, silu, ...) and its parameters' packed dtype codes made constants, so that the code a
+  flag that is off, or another dtype's branch, jumps over is not counted; registers, shared memory and spills are
+  those of the kernel that runs, with the flags as arguments;
 - bytes moved (the section's L2 model) vs the minimum (each input read once, each output written once);
-- issue floor vs HBM floor: warp instructions of the tile loops / (SMs x 4 schedulers x clock), against minimum
-  bytes / HBM bandwidth. An issue floor above ~0.6x the HBM floor means the kernel cannot reach its bandwidth
+- issue floor vs HBM floor: warp instructions of the tile loops / (busy SMs x 4 schedulers x clock), busy SMs
+  the fewer of the SMs and the programs, against minimum bytes / HBM bandwidth. An issue floor above ~0.6x the HBM floor means the kernel cannot reach its bandwidth
   target;
 - SFU floor: the tile loops' special-function operations (MUFU: exp2, reciprocal, ...) at the SM's 16 per clock
   (sm_80 to sm_90), a pipe of its own beside the issue slots: a loop needs at least the larger of the two.

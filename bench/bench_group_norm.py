@@ -9,10 +9,10 @@ Parameters and statistics (O(B*C)) are left out. The inputs are a ResnetBlock's 
 benchmark's dtype, weight and bias fp32, scale and shift the two halves of one (B, 2C) tensor of x's dtype.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
-
-from dataclasses import replace
 
 from fastunet import reference
 from fastunet.kernels import group_norm as gn

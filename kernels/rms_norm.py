@@ -206,10 +206,17 @@ def _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mas
 
 
 @triton.jit
-def _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps):
-    """Save rinv (pixels,) for the backward, negated where the clamp max(||x||, eps) picked eps (where rinv does
-    not depend on x): rinv > 0, so its sign carries that bit at no cost."""
-    tl.store(rinv_ptr + batch.to(tl.int64) * pixels + pixel, tl.where(norm >= eps, rinv, -rinv), mask=pixel_valid)
+def _clamped_rinv(norm, eps):
+    """(rinv, unclamped) of the pixels' norms ||x|| (pixels,): rinv = 1 / max(||x||, eps), and whether the clamp
+    kept ||x|| (where it picked eps, rinv does not depend on x)."""
+    return 1.0 / tl.maximum(norm, eps), norm >= eps
+
+
+@triton.jit
+def _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, rinv, unclamped):
+    """Save rinv (pixels,) for the backward, negated where the clamp picked eps (_clamped_rinv): rinv > 0, so its
+    sign carries that bit at no cost."""
+    tl.store(rinv_ptr + batch.to(tl.int64) * pixels + pixel, tl.where(unclamped, rinv, -rinv), mask=pixel_valid)
 
 
 @triton.jit
@@ -259,10 +266,9 @@ def _rms_norm_forward_kernel(
                                                             batch_stride, line_stride, BLOCK_PIXELS, CHANNELS_LAST)
             x = to_float32(tl.load(tile_pointers(x_ptr, offsets, CHANNELS_LAST, ALIGN), mask=mask, other=0.0,
                                    eviction_policy="evict_first"))
-            norm = tl.sqrt(tl.sum(x * x, 0))
-            rinv = 1.0 / tl.maximum(norm, eps)
+            rinv, unclamped = _clamped_rinv(tl.sqrt(tl.sum(x * x, 0)), eps)
             if save_rinv:
-                _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps)
+                _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, rinv, unclamped)
             _store_output(y_ptr, residual_ptr, x, rinv, coefficient, shift, offsets, mask, silu, has_residual,
                           CHANNELS_LAST, ALIGN)
     else:
@@ -272,9 +278,9 @@ def _rms_norm_forward_kernel(
         pixel_valid = pixel < pixels
         norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
                                        BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
-        rinv = 1.0 / tl.maximum(norm, eps)
+        rinv, unclamped = _clamped_rinv(norm, eps)
         if save_rinv:
-            _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, norm, rinv, eps)
+            _store_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels, rinv, unclamped)
         for channel_block in range(tl.cdiv(channels, BLOCK_CHANNELS)):
             channel, channel_valid, coefficient, shift, mask, offsets = _stepping_tile(
                 g_ptr, scale_ptr, shift_ptr, batch, channel_block, pixel_block, channels, pixels, sqrt_channels,
@@ -329,9 +335,7 @@ def _rms_norm_backward_kernel(
             if has_rinv:
                 rinv, unclamped = _load_rinv(rinv_ptr, batch, pixel, pixel_valid, pixels)
             else:
-                norm = tl.sqrt(tl.sum(x * x, 0))
-                rinv = 1.0 / tl.maximum(norm, eps)
-                unclamped = norm >= eps
+                rinv, unclamped = _clamped_rinv(tl.sqrt(tl.sum(x * x, 0)), eps)
             v, du = _pre_activation_gradient(x, grad_y, rinv, coefficient, shift, silu)
             lane_du_v += run_sums(du * v, BLOCK_CHANNELS, BLOCK_PIXELS, VECTOR)
             lane_du += run_sums(du, BLOCK_CHANNELS, BLOCK_PIXELS, VECTOR)
@@ -353,8 +357,7 @@ def _rms_norm_backward_kernel(
         else:
             norm = tl.sqrt(_sum_of_squares(x_ptr, batch, pixel, pixel_valid, channels, batch_stride, line_stride,
                                            BLOCK_CHANNELS, CHANNELS_LAST, ALIGN))
-            rinv = 1.0 / tl.maximum(norm, eps)
-            unclamped = norm >= eps
+            rinv, unclamped = _clamped_rinv(norm, eps)
         # Pass 2: dot(a, v) per pixel (per lane across the channel blocks, summed once after), and this
         # program's per-channel sums for the parameter gradients.
         lane_dot = tl.zeros([BLOCK_CHANNELS, BLOCK_PIXELS], tl.float32)

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from fastunet.kernels import INTERPRETING
+from fastunet.kernels.fast_math import exp, reciprocal
 from fastunet.kernels.scale_shift_act import empty_output
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -173,8 +174,8 @@ def _accumulate_context(keys, values, row_max, row_sum, context, DOT_DTYPE: tl.c
     """
     new_max = tl.maximum(row_max, tl.max(keys, axis=1))
     # Every tile holds at least one real position, so new_max is finite and neither exp sees (-inf) - (-inf).
-    rescale = tl.exp(row_max - new_max)
-    weights = tl.exp(keys - new_max[:, None])
+    rescale = exp(row_max - new_max)
+    weights = exp(keys - new_max[:, None])
     row_sum = row_sum * rescale + tl.sum(weights, axis=1)
     context = context * rescale[:, None] + _dot(weights, tl.trans(values), DOT_DTYPE, UPCAST)
     return new_max, row_sum, context
@@ -311,10 +312,11 @@ def _output_kernel(
         pos = tile * BLOCK_N + offs_n
         in_seq = pos[None, :] < N
         q = tl.load(q_base + pos[None, :] * stride_qn, mask=in_seq, other=0.0).to(tl.float32)
-        # Feature softmax per position; its normalization is applied after the product (BLOCK_N divisions, not
-        # D * BLOCK_N), on exp values in (0, 1] that round well to 16 bits.
-        q_exp = tl.exp(q - tl.max(q, axis=0)[None, :])
-        out = _dot(context_t, q_exp, DOT_DTYPE, UPCAST) * (1.0 / tl.sum(q_exp, axis=0))[None, :]
+        # Feature softmax per position, normalized before the product: in q's layout, where the product's would
+        # take its BLOCK_N reciprocals through shared memory (a layout conversion and its barriers every tile).
+        q_exp = exp(q - tl.max(q, axis=0)[None, :])
+        probs = q_exp * reciprocal(tl.sum(q_exp, axis=0))[None, :]
+        out = _dot(context_t, probs, DOT_DTYPE, UPCAST)
         tl.store(out_base + pos[None, :] * stride_outn, out.to(out_ptr.dtype.element_ty), mask=in_seq)
 
 
@@ -360,8 +362,8 @@ def _query_grad_kernel(
         q = tl.load(q_base + pos[None, :] * stride_qn, mask=in_seq, other=0.0).to(tl.float32)
         # Zero outside the sequence, so those columns add nothing to dcontext.
         dout = tl.load(dout_base + pos[None, :] * stride_on, mask=in_seq, other=0.0)
-        q_exp = tl.exp(q - tl.max(q, axis=0)[None, :])
-        probs = q_exp * (1.0 / tl.sum(q_exp, axis=0))[None, :]
+        q_exp = exp(q - tl.max(q, axis=0)[None, :])
+        probs = q_exp * reciprocal(tl.sum(q_exp, axis=0))[None, :]
         dcontext += _dot(probs, tl.trans(dout), DOT_DTYPE, UPCAST)
         dprobs = _dot_hi_lo(context_hi, context_lo, dout, DOT_DTYPE, UPCAST)
         # Softmax backward over the feature axis.
@@ -473,12 +475,12 @@ def _key_value_grad_program(
         keys = tl.load(k_base + pos[None, :] * stride_kn, mask=in_seq, other=float("-inf")).to(tl.float32)
         values = tl.load(v_base + pos[None, :] * stride_vn, mask=in_seq, other=0.0)
         # Position-softmax backward: dks = dcontext V, dk = ks (dks - sum_j ks dks), dv = dcontext^T ks.
-        key_probs = tl.exp(keys - lse[:, None])
+        key_probs = exp(keys - lse[:, None])
         if ROW_SPLIT == 1:
             key_probs_rows = key_probs
         else:  # this program's rows of ks, from a second (cached) load of those rows of the tile
             keys_rows = tl.load(k_rows_base + pos[None, :] * stride_kn, mask=in_seq, other=float("-inf"))
-            key_probs_rows = tl.exp(keys_rows.to(tl.float32) - lse_rows[:, None])
+            key_probs_rows = exp(keys_rows.to(tl.float32) - lse_rows[:, None])
         dkey_probs = _dot_hi_lo(dcontext_hi, dcontext_lo, values, DOT_DTYPE, UPCAST) * dscale
         dkeys = key_probs_rows * (dkey_probs - rowdot[:, None])
         dvalues = _dot(dcontext_t, key_probs, DOT_DTYPE, UPCAST) * dscale_t

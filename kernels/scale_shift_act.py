@@ -29,14 +29,12 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastunet.kernels import INTERPRETING
+from fastunet.kernels.fast_math import FAST_MATH, exp, reciprocal
 
-# The sigmoid of the epilogue on a GPU: libdevice's exp2 (ex2.approx.ftz) and fast division (div.approx.ftz), one
-# special-function op each and no range fix-ups, 5 SASS instructions for SiLU where tl.sigmoid's full-range forms
-# take 14 (bench/static_report.py). Each is within 2 ulp in fp32; what they flush to zero is a sigmoid below
-# 1e-38 or a 1 - sigmoid below 1e-38, both beyond fp32's precision of the result. The interpreter has no libdevice:
-# it evaluates the same formulas exactly.
-FAST_MATH = tl.constexpr(not INTERPRETING)
-LOG2E = tl.constexpr(1.4426950408889634)
+# The sigmoid of the epilogue on a GPU: the fast exp2 and reciprocal of fastunet.kernels.fast_math and libdevice's
+# fast division (div.approx.ftz), one special-function op each and no range fix-ups, 5 SASS instructions for SiLU
+# where tl.sigmoid's full-range forms take 14 (bench/static_report.py). What they flush to zero is a sigmoid below
+# 1e-38 or a 1 - sigmoid below 1e-38, both beyond fp32's precision of the result.
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device code
@@ -179,29 +177,11 @@ def run_sums(value, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR
 
 
 @triton.jit
-def _exp_neg(u):
-    """exp(-u), fp32 (FAST_MATH: ex2.approx.ftz)."""
-    if FAST_MATH:
-        return libdevice.exp2(u * -LOG2E)
-    return tl.exp(-u)
-
-
-@triton.jit
 def _divide(numerator, denominator):
     """numerator / denominator, fp32 (FAST_MATH: div.approx.ftz, a reciprocal and a multiply)."""
     if FAST_MATH:
         return libdevice.fast_dividef(numerator, denominator)
     return numerator / denominator
-
-
-@triton.jit
-def _reciprocal(denominator):
-    """1 / denominator, fp32 (FAST_MATH: rcp.approx.ftz, one special-function op; div.approx.ftz of 1 by the same
-    denominator costs it a flush-to-zero add besides)."""
-    if FAST_MATH:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [denominator], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    return 1.0 / denominator
 
 
 @triton.jit
@@ -223,7 +203,7 @@ def activation(u, silu):
     SiLU as u / (1 + exp(-u)): u * sigmoid(u) without its multiply; the same at the extremes (-0 below -88, inf at
     inf, NaN at -inf)."""
     if silu:
-        u = _divide(u, 1.0 + _exp_neg(u))
+        u = _divide(u, 1.0 + exp(-u))
     return u
 
 
@@ -236,7 +216,7 @@ def activation_backward(grad_out, u, silu):
     and the result stays finite (sig = 0: 0 * u; sig = 1: u - u), so fp16-range activations give no NaN.
     """
     if silu:
-        sig = _reciprocal(1.0 + _exp_neg(u))
+        sig = reciprocal(1.0 + exp(-u))
         grad_out = grad_out * (sig + sig * (u - u * sig))
     return grad_out
 

@@ -3,8 +3,8 @@
     pytest bench/bench_group_norm.py --benchmark-only
 
 On a GPU each case records the device median (do_bench) and the achieved bandwidth in benchmark.extra_info,
-counting the op's minimum traffic: forward x read + y written; backward x and dy read + dx written (the targets
-of shared/performance.md: >= 80% and >= 70% of HBM at 32x64x128x128 bf16, G=8); forward+backward the sum of both.
+counting the op's minimum traffic: forward x read + y written; backward x and dy read + dx written (the project's
+targets: >= 85% and >= 75% of HBM at 32x64x128x128 bf16, G=8); forward+backward the sum of both.
 Parameters and statistics (O(B*C)) are left out. The inputs are a ResnetBlock's block1 under autocast: x in the
 benchmark's dtype, weight and bias fp32, scale and shift the two halves of one (B, 2C) tensor of x's dtype.
 """

@@ -1,7 +1,7 @@
 """Linear attention with memory key/values: the Triton kernel against the reference, eager and torch.compile'd.
 
-Target (H100, /work/shared/performance.md): B 32, 4 heads, d 32, N 16384 (128x128) + 4 memory slots, bf16:
-forward >= 70% of HBM bandwidth, forward+backward >= 3x eager.
+Target (H100/H200, the project's): B 32, 4 heads, d 32, N 16384 (128x128) + 4 memory slots, bf16: forward >= 80%
+of HBM bandwidth, forward+backward >= 3x eager.
 
 Implementations, each on the same inputs:
 - triton: fastunet.kernels.linear_attention.packed_linear_attention on the to_qkv output itself (one dqkv and

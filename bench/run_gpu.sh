@@ -35,6 +35,6 @@ PY
 cuda_test_files="tests/test_norms_cuda.py $(grep -l "cuda.is_available()" tests/test_*.py | grep -v test_norms_cuda)"
 stage 200 tests python -m pytest $cuda_test_files -q -rs -x -p no:cacheprovider
 stage 190 bench-unet env FASTUNET_BENCH_BUILD_BUDGET_S=60 python -m pytest bench/bench_unet.py --benchmark-only -q
-stage 100 bench-kernels python -m pytest bench/ --benchmark-only -q --ignore=bench/bench_unet.py
+stage 120 bench-kernels python -m pytest bench/ --benchmark-only -q --ignore=bench/bench_unet.py
 stage 20 report python bench/report.py
 exit "$status"

@@ -2,8 +2,8 @@
 
 On a GPU, `exp` is ex2.approx.ftz of x * log2(e) (libdevice's exp2: an FMUL and one special-function op) and
 `reciprocal` is rcp.approx.ftz (one special-function op). tl.exp and a division take their full-range forms
-instead: a range test and two rescaling multiplies around every ex2, a Newton step and range tests around every
-rcp (bench/static_report.py counts them). Each fast form is within 2 ulp in fp32; what it flushes to zero lies below
+instead: a range test and two rescaling multiplies around every ex2, range tests and rescaling around every rcp
+(bench/static_report.py counts them). Each fast form is within 2 ulp in fp32; what it flushes to zero lies below
 1e-38. The interpreter has no libdevice: it evaluates the exact forms.
 """
 

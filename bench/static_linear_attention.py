@@ -27,8 +27,14 @@ BATCH, HEADS, HEAD_DIM, MEM = 32, 4, 32, 4
 SIDES = (128, 64, 32)  # the Unet's three outer stages at 128x128 input
 DTYPE = torch.bfloat16
 FP32 = 4
-# The launches that stream (d, BLOCK_N) tiles of B*heads*d*N tensors, as the report names kernels.
-STREAMING = ("context_partial_kernel", "output_kernel", "query_grad_kernel", "key_value_grad_kernel")
+# The launches that stream (d, BLOCK_N) tiles, as the report names kernels: (tensors of B*heads*d*N elements they
+# read or write, fp32 (d, d) matrices and (d,) vectors each of their programs reads or writes besides).
+STREAMING = {
+    "context_partial_kernel": (2, 1, 2),  # k, v; the split's partial context out, its row max and sum
+    "output_kernel": (2, 1, 0),  # q, out; the context in
+    "query_grad_kernel": (3, 2, 0),  # q, dout, dq; the context in, the split's partial dcontext out
+    "key_value_grad_kernel": (4, 2, 3),  # k, v, dk, dv; dcontext and its transpose, lse twice and the row dots in
+}
 
 
 def _patches(device):
@@ -58,10 +64,6 @@ def _launches(device, side):
     return forward, backward
 
 
-def _grid_y(launch):
-    return launch.grid[1] if len(launch.grid) > 1 else 1
-
-
 def _row(label, launch, device, n):
     """One row: streaming launches against their share of the op's minimum, combine launches against their own
     traffic."""
@@ -71,32 +73,21 @@ def _row(label, launch, device, n):
     tensor_bytes = elements * DTYPE.itemsize
     matrix_bytes = batch_heads * HEAD_DIM * HEAD_DIM * FP32  # one (d, d) fp32 matrix per (b, head)
     row_bytes = batch_heads * HEAD_DIM * FP32  # one (d,) fp32 vector per (b, head)
-    splits = _grid_y(launch)
     constants = launch.kwargs
-    streams = {  # (input/output tensors of B*heads*d*N elements, extra fp32 bytes)
-        "context_partial_kernel": (2, splits * (matrix_bytes + 2 * row_bytes)),  # k, v; partials out
-        "output_kernel": (2, splits * matrix_bytes),  # q, out; the context per program
-        "query_grad_kernel": (3, splits * 2 * matrix_bytes),  # q, dout, dq; the context in, partials out
-        "key_value_grad_kernel": (4, splits * (2 * matrix_bytes + 3 * row_bytes)),  # k, v, dk, dv; dcontext twice
-    }
-    if name in streams:
-        tensors, extra = streams[name]
+    if name in STREAMING:
+        tensors, matrices, vectors = STREAMING[name]
         minimum = tensors * tensor_bytes
+        programs_per_head = launch.grid[1]
+        extra = programs_per_head * (matrices * matrix_bytes + vectors * row_bytes)
         return report.kernel_row(label, launch, device, tile_elements=HEAD_DIM * constants["BLOCK_N"],
                                  elements=elements, element_size=DTYPE.itemsize, bytes_moved=minimum + extra,
                                  bytes_minimum=minimum)
     # Combine launches: the partials of the previous launch's splits, one (ROWS, d) block of each per step.
-    previous_splits = _argument(launch, "splits")
+    previous_splits = launch.argument("splits")
     traffic = previous_splits * matrix_bytes + 2 * matrix_bytes
     return report.kernel_row(label, launch, device, tile_elements=constants["ROWS"] * HEAD_DIM,
                              elements=batch_heads * previous_splits * HEAD_DIM * HEAD_DIM, element_size=FP32,
                              bytes_moved=traffic, bytes_minimum=traffic)
-
-
-def _argument(launch, name):
-    if name in launch.kwargs:
-        return launch.kwargs[name]
-    return launch.args[launch.kernel.arg_names.index(name)]
 
 
 def _bound_us(row):

@@ -99,7 +99,7 @@ def _parameter_grads_rows(device, launches, label):
     for launch in launches:
         if "parameter_grads" not in launch.kernel.__name__:
             continue
-        batch, channels = (_argument(launch, name) for name in ("batch", "channels"))
+        batch, channels = (launch.argument(name) for name in ("batch", "channels"))
         tile = launch.kwargs["BLOCK_BATCH"] * launch.kwargs["BLOCK_CHANNELS"]
         sum_bytes = 2 * batch * channels * 4
         # A few programs whose time is their steps' load latency, not bytes or issue: say how many steps.
@@ -111,18 +111,11 @@ def _parameter_grads_rows(device, launches, label):
 
 
 def _groups_per_pack(launch):
-    return _argument(launch, "groups_per_pack")
+    return launch.argument("groups_per_pack")
 
 
 def _num_packs(launch):
-    return _argument(launch, "num_packs")
-
-
-def _argument(launch, name):
-    names = launch.kernel.arg_names
-    if name in launch.kwargs:
-        return launch.kwargs[name]
-    return launch.args[names.index(name)]
+    return launch.argument("num_packs")
 
 
 def _rms_norm_rows(device, batch, channels, side, backward):

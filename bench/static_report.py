@@ -107,6 +107,12 @@ class Launch:
     def programs(self):
         return functools.reduce(lambda a, b: a * b, self.grid, 1)
 
+    def argument(self, name):
+        """The value the launch passed for the kernel's argument `name`, by keyword or by position."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[self.kernel.arg_names.index(name)]
+
 
 def capture_launches(fn, patches=None):
     """The launches `fn()` makes, in order, without running any kernel. patches: {module: {attribute: value}}

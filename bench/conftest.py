@@ -3,6 +3,8 @@
 - Keeps each run: pytest-benchmark's autosave into bench/results/<cpu|cuda>/<machine>/NNNN_<commit>_<date>.json
   (machine, commit and every benchmark's extra_info inside), unless --benchmark-json/--benchmark-save or
   --benchmark-storage is given. bench/results/.gitignore keeps the CPU runs out of git; GPU runs are committed.
+- Names the commit from git, or, in a copy of the tree without its history (a GPU machine's), from the
+  FASTUNET_COMMIT environment variable (bench/run_gpu.sh passes it on).
 - Shows skip reasons (-rs) and, after pytest-benchmark's table, each group's configuration, which backend each
   provider ran, its ratio to its baseline, whether that ratio is within noise, images/s, peak memory and
   kernels per step.
@@ -11,6 +13,7 @@ A benchmark names what it is compared to with `extra_info["compare_to"] = <provi
 benchmarks), or marks its group's baseline with `extra_info["baseline"] = True` (the kernel benchmarks).
 """
 
+import os
 import pathlib
 import platform
 
@@ -18,6 +21,12 @@ import pytest
 import torch
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+_UNVERSIONED = "unversioned"  # pytest-benchmark's commit id where it finds no .git
+
+
+def _commit_override():
+    """The commit a run measures where the tree has no git history, from FASTUNET_COMMIT (None when unset)."""
+    return os.environ.get("FASTUNET_COMMIT") or None
 DEFAULT_STORAGE = "file://./.benchmarks"
 
 
@@ -29,7 +38,8 @@ def pytest_configure(config):
         if not (option.benchmark_autosave or option.benchmark_save or option.benchmark_json):
             from pytest_benchmark.utils import get_tag
 
-            option.benchmark_autosave = get_tag()  # what --benchmark-autosave stores: <commit>_<date>[_dirty]
+            # What --benchmark-autosave stores: <commit>_<date>[_dirty].
+            option.benchmark_autosave = get_tag().replace(_UNVERSIONED, _commit_override() or _UNVERSIONED, 1)
             option.benchmark_save_data = True  # every round's time, for the report's spread
         if option.benchmark_storage == DEFAULT_STORAGE:
             option.benchmark_storage = f"file://{RESULTS / ('cuda' if torch.cuda.is_available() else 'cpu')}"
@@ -56,9 +66,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["denoising_diffusion_pytorch"] = denoising_diffusion_pytorch.__version__
     except (ImportError, AttributeError):
         pass
-    describe = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).parent)
-    machine_info["git_describe"] = describe.stdout.strip()
+    try:
+        describe = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                  cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except FileNotFoundError:  # no git on the machine
+        describe = ""
+    machine_info["git_describe"] = describe or _commit_override()
+
+
+def pytest_benchmark_update_commit_info(config, commit_info):
+    if commit_info.get("id") in (_UNVERSIONED, "unknown") and _commit_override():
+        commit_info["id"] = _commit_override()
 
 
 _SKIPPED = []

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+DEFAULT_STORAGE = "file://./.benchmarks"
 _UNVERSIONED = "unversioned"  # pytest-benchmark's commit id where it finds no .git
 
 
 def _commit_override():
     """The commit a run measures where the tree has no git history, from FASTUNET_COMMIT (None when unset)."""
     return os.environ.get("FASTUNET_COMMIT") or None
-DEFAULT_STORAGE = "file://./.benchmarks"
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -166,6 +166,15 @@ def _dot_hi_lo(a_hi, a_lo, b, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _feature_softmax(q):
+    """softmax of q (D, BLOCK_N) fp32 over its feature axis 0, per position; normalized in q's layout, where a
+    normalization after the output kernel's product would take the BLOCK_N reciprocals through shared memory (a
+    layout conversion and its barriers every tile)."""
+    q_exp = exp(q - tl.max(q, axis=0)[None, :])
+    return q_exp * reciprocal(tl.sum(q_exp, axis=0))[None, :]
+
+
+@triton.jit
 def _accumulate_context(keys, values, row_max, row_sum, context, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Fold one tile of positions into the online key softmax and the unnormalized context.
 
@@ -312,11 +321,7 @@ def _output_kernel(
         pos = tile * BLOCK_N + offs_n
         in_seq = pos[None, :] < N
         q = tl.load(q_base + pos[None, :] * stride_qn, mask=in_seq, other=0.0).to(tl.float32)
-        # Feature softmax per position, normalized before the product: in q's layout, where the product's would
-        # take its BLOCK_N reciprocals through shared memory (a layout conversion and its barriers every tile).
-        q_exp = exp(q - tl.max(q, axis=0)[None, :])
-        probs = q_exp * reciprocal(tl.sum(q_exp, axis=0))[None, :]
-        out = _dot(context_t, probs, DOT_DTYPE, UPCAST)
+        out = _dot(context_t, _feature_softmax(q), DOT_DTYPE, UPCAST)
         tl.store(out_base + pos[None, :] * stride_outn, out.to(out_ptr.dtype.element_ty), mask=in_seq)
 
 
@@ -362,8 +367,7 @@ def _query_grad_kernel(
         q = tl.load(q_base + pos[None, :] * stride_qn, mask=in_seq, other=0.0).to(tl.float32)
         # Zero outside the sequence, so those columns add nothing to dcontext.
         dout = tl.load(dout_base + pos[None, :] * stride_on, mask=in_seq, other=0.0)
-        q_exp = exp(q - tl.max(q, axis=0)[None, :])
-        probs = q_exp * reciprocal(tl.sum(q_exp, axis=0))[None, :]
+        probs = _feature_softmax(q)
         dcontext += _dot(probs, tl.trans(dout), DOT_DTYPE, UPCAST)
         dprobs = _dot_hi_lo(context_hi, context_lo, dout, DOT_DTYPE, UPCAST)
         # Softmax backward over the feature axis.

@@ -19,6 +19,7 @@ launchers and compiled with the divisibility a real launch gets. Per kernel, bes
   bf16 tensor-core peak (989 TFLOP/s on H100 SXM).
 """
 
+import dataclasses
 import importlib.util
 import pathlib
 import sys
@@ -108,20 +109,37 @@ def _key_loops(compiled, role):
     return loops[-1:]
 
 
-def _step_note(label, launch, device):
-    """One line of attention figures for a launch (see the module docstring)."""
+@dataclasses.dataclass
+class StepFigures:
+    """What one step of a launch's main loop executes (see the module docstring), for sm_90 or another arch."""
+
+    kernel: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    mma_kinds: list  # e.g. ["HGMMA.64x32x16.F32"]
+    mma: int  # tensor-core instructions per step
+    waits: int  # WARPGROUP.DEPBAR per step
+    exp2: int  # MUFU.EX2 per step, one thread
+    instructions: int  # SASS instructions per step, one thread
+    executed: int  # matmuls per step
+    counted: int  # matmuls per step the FLOP count credits
+    issue_tflops: float
+    exp2_tflops: float
+
+
+def step_figures(launch, device):
+    """The StepFigures of a launch, or None for a kernel without a tensor-core loop (a reduction pass)."""
     compiled = report.compile_launch(launch, device.arch)
     role = _role(compiled.name)
     loops = _key_loops(compiled, role)
     if not loops:
-        return f"{label} {compiled.name}: no tensor-core loop (a reduction pass)"
+        return None
     kinds = sorted({".".join(i.opcode.split(".")[:3]) for loop in loops for i in loop.instructions
                     if i.opcode.startswith(("HGMMA", "HMMA"))})
     mma = sum(i.opcode.startswith(("HGMMA", "HMMA")) for loop in loops for i in loop.instructions)
-    waits = sum(loop.count("WARPGROUP.DEPBAR") for loop in loops)
     exp2 = sum(loop.count("MUFU.EX2") for loop in loops)
     instructions = sum(len(loop.instructions) for loop in loops)
-    executed = EXECUTED.get(role, 0) + DELTA_PASS_MATMULS * (len(loops) - 1)
     constants = compiled.constants
     block_m, block_n = constants.get("BLOCK_M", 0), constants.get("BLOCK_N", constants.get("BLOCK_MEM", 0))
     # Counted FLOPs per step: 2 per multiply-add, `COUNTED` matmuls of BLOCK_M x BLOCK_N x d.
@@ -130,12 +148,24 @@ def _step_note(label, launch, device):
     threads = compiled.num_warps * 32
     issue_s = instructions * compiled.num_warps / (device.schedulers_per_sm * clock)  # one SM, one program's step
     exp2_s = exp2 * threads / (MUFU_PER_SM_PER_CLOCK * clock)
-    issue_tflops = counted_flops / issue_s * device.num_sms / 1e12 if issue_s else float("inf")
-    exp2_tflops = counted_flops / exp2_s * device.num_sms / 1e12 if exp2_s else float("inf")
-    return (f"{label} {compiled.name} [{block_m}x{block_n}, {compiled.num_warps} warps]: MMA {', '.join(kinds)}; "
-            f"per step {mma} MMA, {waits} waits, {exp2} EX2, {instructions} instructions; matmuls executed/counted "
-            f"{executed}/{COUNTED.get(role, 0)}; ceilings issue {issue_tflops:.0f}, exp2 "
-            f"{exp2_tflops:.0f} TFLOP/s (tensor peak {TENSOR_PEAK_TFLOPS:.0f})")
+    return StepFigures(
+        kernel=compiled.name, block_m=block_m, block_n=block_n, num_warps=compiled.num_warps, mma_kinds=kinds,
+        mma=mma, waits=sum(loop.count("WARPGROUP.DEPBAR") for loop in loops), exp2=exp2, instructions=instructions,
+        executed=EXECUTED.get(role, 0) + DELTA_PASS_MATMULS * (len(loops) - 1), counted=COUNTED.get(role, 0),
+        issue_tflops=counted_flops / issue_s * device.num_sms / 1e12 if issue_s else float("inf"),
+        exp2_tflops=counted_flops / exp2_s * device.num_sms / 1e12 if exp2_s else float("inf"))
+
+
+def _step_note(label, launch, device):
+    """One line of attention figures for a launch (see the module docstring)."""
+    step = step_figures(launch, device)
+    if step is None:
+        return f"{label} {report.compile_launch(launch, device.arch).name}: no tensor-core loop (a reduction pass)"
+    return (f"{label} {step.kernel} [{step.block_m}x{step.block_n}, {step.num_warps} warps]: MMA "
+            f"{', '.join(step.mma_kinds)}; per step {step.mma} MMA, {step.waits} waits, {step.exp2} EX2, "
+            f"{step.instructions} instructions; matmuls executed/counted {step.executed}/{step.counted}; ceilings "
+            f"issue {step.issue_tflops:.0f}, exp2 {step.exp2_tflops:.0f} TFLOP/s (tensor peak "
+            f"{TENSOR_PEAK_TFLOPS:.0f})")
 
 
 def _row(label, launch, device, side):

@@ -41,6 +41,18 @@ contiguous or channels_last inputs). The output, dq, dk and dv are allocated wit
 tensors have strides (heads*d*N, d*N, 1, N). They are fresh tensors made by `torch.empty_strided`, not views,
 which a torch.library custom op may return (its fake implementation makes the same strides).
 
+Hopper (sm_90). Every dot is a wgmma; the forward waits once per key block, for q k^T, whose scores the softmax
+needs at once, while the p v dots of a block stay in flight until the next block's scores are waited for
+(bench/static_report.py counts the waits). Two designs were compiled for sm_90 and read the same way (triton 3.8,
+bf16, d = 32, the 128x64 tile) and not taken, because each executes more per key block and overlaps nothing more:
+- k and v through TMA descriptors (3-D, over the to_qkv output) instead of 16-byte cp.async: 282 SASS instructions
+  per block against 258 (two cp.async per thread give way to mbarrier waits, elections and two more barriers),
+  92 registers against 90 (the 128x128 candidate: 429 instructions against 421). At d = 32 the loads are 2
+  instructions of a block's 258; its exp2, max and sum over the 128x64 scores are most of the rest.
+- the next block's q k^T issued before this block's softmax (FlashAttention-3's overlap within a warpgroup): the
+  compiler still waits for that dot at once (wait_group 0 right after it), at 128 registers and 280 instructions.
+  Two resident 8-warp programs per SM interleave one program's softmax with the other's dots instead.
+
 Head dims 16, 32, 64 and 128 run directly; other head dims up to 128 are zero-padded to the next of those by
 `attention` (an extra copy of q, k, v; the scale stays d^-0.5); larger ones raise ValueError.
 """

@@ -44,20 +44,23 @@ def _miss(in_flight, l2_bytes):
     return max(0.0, 1.0 - l2_bytes / in_flight) if in_flight else 0.0
 
 
-def _group_norm_rows(device, batch, channels, side, backward):
+def _group_norm_rows(device, batch, channels, side, backward, candidate=0):
+    """The rows of one call with the plan it runs before any timing (candidate 0), and, where the launcher times
+    several (gn.plan_candidates), a row for each other one: "timed candidate", its rounds of packs."""
     x, weight, bias, scale, shift = _inputs(batch, channels, side)
     time_mlp = scale._base  # the Unet's call: the two halves of one (B, 2C) tensor, taken whole
     patches = {gn: {"device_limits": _device_limits(device)}}
+    candidates = []
     if backward:
         mean = torch.empty(batch, GROUPS)
         launches = report.capture_launches(
             lambda: gn.group_norm_backward(torch.empty_like(x), x, weight, bias, GROUPS, None, None, True, mean,
                                            torch.empty_like(mean), [True, True, True, False, False, True],
-                                           scale_shift=time_mlp), patches)
+                                           scale_shift=time_mlp), patches, candidate, candidates)
     else:
         launches = report.capture_launches(
             lambda: gn.group_norm_forward(x, weight, bias, GROUPS, None, None, True, 1e-5, scale_shift=time_mlp),
-            patches)
+            patches, candidate, candidates)
     norm_launches = [launch for launch in launches if "group_norm" in launch.kernel.__name__]
     tile_launch = norm_launches[0]
     constants = tile_launch.kwargs
@@ -73,9 +76,14 @@ def _group_norm_rows(device, batch, channels, side, backward):
         pack_bytes = x_bytes * streams // (batch * GROUPS) * _groups_per_pack(tile_launch)
         in_flight = min(tile_launch.programs, _num_packs(tile_launch)) * pack_bytes
         moved = minimum + streams * x_bytes * _miss(in_flight, device.l2_bytes)
-        rows.append(report.kernel_row(f"{direction} {shape}", tile_launch, device, tile_elements=tile_elements,
-                                      elements=x.numel(), element_size=x.element_size(), bytes_moved=moved,
-                                      bytes_minimum=minimum))
+        label = f"{direction} {shape}"
+        if candidate:
+            rounds = -(-_num_packs(tile_launch) // tile_launch.programs)
+            label += f" timed candidate, {rounds} rounds"
+        rows.append(report.kernel_row(label, tile_launch, device, tile_elements=tile_elements, elements=x.numel(),
+                                      element_size=x.element_size(), bytes_moved=moved, bytes_minimum=minimum))
+        if candidate:
+            return rows, len(launches)
     else:
         # Split path: launch 1 reads x (and dy) once in its first tile loop; launch 2 re-reads them in its last
         # tile loop and writes the output. The op's minimum is split between them: the reads, then the write.
@@ -88,6 +96,8 @@ def _group_norm_rows(device, batch, channels, side, backward):
                                           element_size=x.element_size(), bytes_moved=moved, bytes_minimum=least,
                                           loops_run=loops))
     rows.extend(_parameter_grads_rows(device, launches, f"{direction} {shape}"))
+    for other in range(1, max(candidates, default=1)):
+        rows.extend(_group_norm_rows(device, batch, channels, side, backward, other)[0])
     return rows, len(launches)
 
 

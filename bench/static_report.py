@@ -65,6 +65,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from fastunet.kernels import tuning  # noqa: E402
+
 NVIDIA_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -114,16 +116,24 @@ class Launch:
         return self.args[self.kernel.arg_names.index(name)]
 
 
-def capture_launches(fn, patches=None):
+def capture_launches(fn, patches=None, candidate=0, candidates_seen=None):
     """The launches `fn()` makes, in order, without running any kernel. patches: {module: {attribute: value}}
-    replaced while fn runs."""
+    replaced while fn runs. Where a launcher chooses among candidates by timing them (kernels/tuning.py), it takes
+    the `candidate`-th (0: the one it runs before any timing; past the last, the last), and `candidates_seen`, a
+    list, gets how many it had."""
     captured = []
 
     def record(self, *args, grid, warmup, **kwargs):
         captured.append(Launch(self, tuple(grid), args, kwargs))
 
+    def choose(key, candidates, launch):
+        if candidates_seen is not None:
+            candidates_seen.append(len(candidates))
+        return candidates[min(candidate, len(candidates) - 1)]
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(_replaced(JITFunction, "run", record))
+        stack.enter_context(_replaced(tuning, "fastest", choose))
         for module, attributes in (patches or {}).items():
             for name, value in attributes.items():
                 stack.enter_context(_replaced(module, name, value))

@@ -47,11 +47,13 @@ needs at once, while the p v dots of a block stay in flight until the next block
 bf16, d = 32, the 128x64 tile) and not taken, because each executes more per key block and overlaps nothing more:
 - k and v through TMA descriptors (3-D, over the to_qkv output) instead of 16-byte cp.async: 282 SASS instructions
   per block against 258 (two cp.async per thread give way to mbarrier waits, elections and two more barriers),
-  92 registers against 90 (the 128x128 candidate: 429 instructions against 421). At d = 32 the loads are 2
-  instructions of a block's 258; its exp2, max and sum over the 128x64 scores are most of the rest.
+  92 registers against 90 (the 128x128 candidate: 429 instructions against 421). With triton 3.6 (the GPU
+  machines' version) 284 against 253, and the 128x128 candidate waits after every one of its 10 dots. At d = 32
+  the loads are 2 instructions of a block's 258; its exp2, max and sum over the 128x64 scores are most of the rest.
 - the next block's q k^T issued before this block's softmax (FlashAttention-3's overlap within a warpgroup): the
-  compiler still waits for that dot at once (wait_group 0 right after it), at 128 registers and 280 instructions.
-  Two resident 8-warp programs per SM interleave one program's softmax with the other's dots instead.
+  compiler still waits for that dot at once (wait_group 0 right after it), at 128 registers and 280 instructions
+  (triton 3.6: 141 registers, one program per SM). Two resident 8-warp programs per SM interleave one program's
+  softmax with the other's dots instead.
 
 Head dims 16, 32, 64 and 128 run directly; other head dims up to 128 are zero-padded to the next of those by
 `attention` (an extra copy of q, k, v; the scale stays d^-0.5); larger ones raise ValueError.
@@ -63,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETING
+from . import INTERPRETING, tuning
 from .scale_shift_act import empty_output
 
 LOG2E = 1.4426950408889634
@@ -663,7 +665,6 @@ _SM90_CANDIDATES = {
     ("forward", "16", 16): [(128, 128, 8, 2)], ("forward", "16", 32): [(128, 128, 8, 2)],
     ("dkdv", "16", 16): [(64, 128, 8, 2)], ("dkdv", "16", 32): [(64, 128, 8, 2)],
 }
-_TUNED = {}
 
 
 def _candidates(table_arch, kernel, dtype, head_dim):
@@ -677,24 +678,16 @@ def _candidates(table_arch, kernel, dtype, head_dim):
 def _tuned_config(kernel, dtype, head_dim, n, device, launch):
     """The configuration of `kernel` for this launch: under the interpreter the one fixed config; on the GPU the
     table's, or, where _SM90_CANDIDATES lists more, the fastest of them for (device, dtype, head dim, N rounded up
-    to a power of two), timed once with triton.testing.do_bench by running `launch(config)` (the kernels only
-    write their outputs, so reruns are harmless). While a CUDA graph is captured or torch.compile traces, an
-    untimed key takes the table's entry."""
+    to a power of two), timed once by running `launch(config)` (kernels/tuning.py; the kernels only write their
+    outputs, so reruns are harmless). While a CUDA graph is captured or torch.compile traces, an untimed key takes
+    the table's entry."""
     if INTERPRETING:
         return _INTERPRETER_CONFIG
     index = device.index if device.index is not None else torch.cuda.current_device()
     table_arch = 90 if _device_table(index) is _SM90_CONFIGS else 80
     candidates = _candidates(table_arch, kernel, dtype, head_dim)
-    if len(candidates) == 1:
-        return candidates[0]
-    key = (kernel, index, dtype, head_dim, triton.next_power_of_2(n))
-    if key not in _TUNED:
-        if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-            return candidates[0]
-        from triton.testing import do_bench
-
-        _TUNED[key] = min(candidates, key=lambda tiles: do_bench(lambda: launch(tiles), warmup=5, rep=20))
-    return _TUNED[key]
+    return tuning.fastest(("attention", kernel, index, dtype, head_dim, triton.next_power_of_2(n)), candidates,
+                          launch)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ per-row sums (parameter_grads).
 Three regimes, chosen by `plan_group_norm` from the shape (no autotuning):
 - many big groups: one program per SM or so, each looping over packs (a persistent grid) in balanced rounds: the
   groups being read at any time (programs x group bytes) stay within L2 where that leaves no SM idle, so phase B
-  reads hit L2 and x comes from HBM once (the backward at 128x128, batch 32, keeps 64 MB in flight: see
-  plan_group_norm);
+  reads hit L2 and x comes from HBM once. Where they do not (the backward at 128x128, batch 32, keeps 64 MB in
+  flight), the first call on a GPU times the plan against the same packs in more rounds of fewer programs, down
+  to one within L2 (plan_candidates, kernels/tuning.py), and keeps the fastest;
 - few big groups (B * G < SMs / 2, e.g. batch 1 at 128x128): each pack's pixels are split into chunks across
   programs, in two launches: MODE_STATS writes per-(chunk, row) statistics, MODE_APPLY combines them in chunk
   order (deterministic) and normalizes its chunk;
@@ -38,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastunet.kernels import tuning
 from fastunet.kernels.scale_shift_act import (
     FUSED_NORM_DTYPES,
     VECTOR_ELEMENTS,
@@ -593,23 +595,54 @@ def plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, ele
         pixel_blocks = -(-pixels // tile_for(name, backward, channels_last, element_size).pixels)
         return GroupNormPlan(name, groups_per_pack, min(pixel_blocks, -(-2 * num_sms // num_packs)), num_packs)
     # Persistent grid: the packs in flight (x, and dy in the backward) should fit the L2 budget, so that phase B
-    # finds its tiles there; but never fewer programs than SMs, which would leave SMs without work: at 128x128,
-    # batch 32, bf16, the backward's 512 KB packs allow 75 programs, four rounds of its 256 packs, and its issue
-    # floor, 0.60x the HBM floor in two rounds on 128 SMs in bench/static_report.py, would be ~1.2x in four: more
-    # than the re-read costs (a modelled 1.15x the minimum bytes in two rounds). Three rounds (86 programs, all in
-    # L2, issue ~0.9x) come close; bench_group_norm.py's persistent-rounds group measures the three on a GPU.
+    # finds its tiles there; but this plan never takes fewer programs than SMs, which would leave SMs without
+    # work: at 128x128, batch 32, bf16, the backward's 512 KB packs allow 75 programs, four rounds of its 256
+    # packs, and its issue floor, 0.60x the HBM floor in two rounds on 128 SMs in bench/static_report.py, would be
+    # ~1.2x in four, against a modelled 1.15x the minimum bytes in two rounds; three rounds (86 programs, all in
+    # L2, issue ~0.9x) fall between. Only a GPU can weigh the two, so plan_candidates lists the L2-resident rounds
+    # beside this plan and the first call of the shape on a GPU times them (kernels/tuning.py).
     # Then the fewest programs that take as many rounds of packs: the same time, fewer bytes in flight (256 packs
     # on 132 SMs take two rounds either way; 128 programs hold 3% fewer packs than 132).
-    pack_bytes = groups_per_pack * channels_per_group * pixels * element_size * (2 if backward else 1)
+    pack_bytes = _pack_bytes(groups_per_pack, channels_per_group, pixels, element_size, backward)
     programs = min(num_packs, max(num_sms, _l2_budget(l2_bytes) // pack_bytes))
     rounds = -(-num_packs // programs)
     return GroupNormPlan(name, groups_per_pack, 1, -(-num_packs // rounds))
 
 
+def _pack_bytes(groups_per_pack, channels_per_group, pixels, element_size, backward):
+    """Bytes a persistent program holds between its two passes over a pack: x, and dy in the backward."""
+    return groups_per_pack * channels_per_group * pixels * element_size * (2 if backward else 1)
+
+
+def plan_candidates(batch, channels, pixels, groups, channels_last, aligned, element_size, num_sms, l2_bytes,
+                    backward=False):
+    """The plans a call on the GPU chooses from by timing them (kernels/tuning.py): plan_group_norm's first, then,
+    where its persistent programs hold more than the L2 budget between their passes, the same packs in one more
+    round each (fewer programs, fewer bytes in flight) down to the first that fits the budget. At 128x128, batch
+    32, bf16, on an H100 the backward's 128 programs (64 MB in flight) are timed against 86 (3 rounds, 43 MB) and
+    64 (4 rounds, 32 MB): fewer bytes from HBM against fewer busy SMs, which bench/static_report.py cannot weigh.
+    A pack is computed by one program whatever the count, so every candidate gives the same bits."""
+    plan = plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, element_size, num_sms, l2_bytes,
+                           backward)
+    candidates = [plan]
+    if plan.chunks > 1:
+        return candidates
+    num_packs = batch * groups // plan.groups_per_pack
+    pack_bytes = _pack_bytes(plan.groups_per_pack, channels // groups, pixels, element_size, backward)
+    rounds = -(-num_packs // plan.programs)
+    while candidates[-1].programs * pack_bytes > _l2_budget(l2_bytes) and candidates[-1].programs > 1:
+        rounds += 1
+        programs = -(-num_packs // rounds)
+        if programs < candidates[-1].programs:  # a round that changes nothing (more rounds than packs) is skipped
+            candidates.append(replace(plan, programs=programs))
+    return candidates
+
+
 def _prepare_launch(plan, tensors, groups, backward, strides=()):
     """Check (or choose) the plan for (B, C, H, W) tensors of one layout (x first; `strides`: a gradient's own, see
-    gradient_rows, when they are not x's). Returns the plan with its chunks normalized, the shape arguments of the
-    kernels and their launch metadata."""
+    gradient_rows, when they are not x's). Returns the plans to choose from (the forced one, or plan_candidates'),
+    each with its chunks normalized, the shape arguments of the kernels and their launch metadata (the same for
+    every candidate: they differ in their programs only)."""
     x = tensors[0]
     batch, channels, height, width = x.shape
     pixels, channels_per_group = height * width, channels // groups
@@ -617,12 +650,16 @@ def _prepare_launch(plan, tensors, groups, backward, strides=()):
     if plan is None:
         num_sms, l2_bytes = device_limits(x.device)
         aligned = vector_aligned(tensors, _contiguous_run(channels_last, pixels, channels), strides)
-        plan = plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, x.element_size(),
-                               num_sms, l2_bytes, backward)
+        candidates = plan_candidates(batch, channels, pixels, groups, channels_last, aligned, x.element_size(),
+                                     num_sms, l2_bytes, backward)
+        plan, alternatives = candidates[0], candidates[1:]
+    else:
+        alternatives = []
     if backward and strides and plan.tile == "big":
         # Its 16 warps cap ptxas at 128 registers, where the shifts of a gradient's own strides spill 8-24 bytes
         # (see _max_registers): the same 8-row programs on the "rows" tile instead.
         plan = replace(plan, tile="rows")
+        alternatives = [replace(alternative, tile="rows") for alternative in alternatives]
     pack_rows = plan.groups_per_pack * channels_per_group
     tile = tile_for(plan.tile, backward, channels_last, x.element_size())
     if groups % plan.groups_per_pack or (plan.groups_per_pack > 1 and pack_rows > tile.rows):
@@ -642,7 +679,7 @@ def _prepare_launch(plan, tensors, groups, backward, strides=()):
                 num_warps=tile.num_warps, maxnreg=_max_registers(tile, bool(strides)))
     if backward:
         meta.update(GRAD_STRIDES=bool(strides))
-    return plan, shape_args, meta
+    return [plan] + [replace(alternative, chunks=plan.chunks) for alternative in alternatives], shape_args, meta
 
 
 def _max_registers(tile, grad_strides):
@@ -661,6 +698,17 @@ def _launch(kernel, plan, num_packs, args, meta):
     else:
         for mode in (MODE_STATS, MODE_APPLY):
             kernel[(num_packs, plan.chunks)](*args, mode.value, **meta)
+    return plan
+
+
+def _launch_fastest(kernel, plans, x, groups, num_packs, args, meta):
+    """_launch with the fastest of `plans` for this shape, dtype and layout on x's device (kernels/tuning.py: timed
+    at the first such call where there are several; their kernels only write outputs, the same bits each).
+    Returns the plan launched."""
+    key = ("group_norm", kernel.__name__, x.device.index, tuple(x.shape), groups, x.dtype, tuple(x.stride()),
+           tuple(meta.items()))
+    return _launch(kernel, tuning.fastest(key, plans, lambda plan: _launch(kernel, plan, num_packs, args, meta)),
+                   num_packs, args, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -684,15 +732,16 @@ def group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=No
     x = in_memory_format(x, memory_format)
     residual = None if residual is None else in_memory_format(residual, memory_format)
     y = empty_output(x)
-    plan, shape_args, meta = _prepare_launch(plan, (x, y) if residual is None else (x, y, residual), groups,
-                                             backward=False)
+    plans, shape_args, meta = _prepare_launch(plan, (x, y) if residual is None else (x, y, residual), groups,
+                                              backward=False)
+    chunks = plans[0].chunks
     weight, bias = _contiguous_parameter(weight), _contiguous_parameter(bias)
     scale, shift = split_scale_shift(scale, shift, scale_shift)
     batch, channels = x.shape[:2]
     mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    partial_mean, partial_m2 = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
-                                           device=x.device, dtype=torch.float32)
+    partial_mean, partial_m2 = torch.empty(2, chunks if chunks > 1 else 0, batch * channels, device=x.device,
+                                           dtype=torch.float32)
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(mean, (weight, bias), (scale, shift))
     args = (
         x, y, x if residual is None else residual, *parameter_pointers,
@@ -701,7 +750,7 @@ def group_norm_forward(x, weight, bias, groups, scale, shift, silu, eps, plan=No
         float(eps), dtype_codes, *runtime_flags(weight is not None, bias is not None, scale is not None, shift is not None, silu,
                                    residual is not None),
     )
-    _launch(_group_norm_forward_kernel, plan, shape_args[4], args, meta)
+    _launch_fastest(_group_norm_forward_kernel, plans, x, groups, shape_args[4], args, meta)
     return y, mean, rstd
 
 
@@ -720,16 +769,17 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
     grad_y, *grad_strides = gradient_rows(grad_y, memory_format)
     own_strides = tuple(grad_strides) != row_strides(x.shape, memory_format)
     grad_x = empty_output(x) if need_x else None
-    plan, shape_args, meta = _prepare_launch(plan, (x, grad_y) if grad_x is None else (x, grad_y, grad_x), groups,
-                                             backward=True, strides=tuple(grad_strides) if own_strides else ())
+    plans, shape_args, meta = _prepare_launch(plan, (x, grad_y) if grad_x is None else (x, grad_y, grad_x), groups,
+                                              backward=True, strides=tuple(grad_strides) if own_strides else ())
+    chunks = plans[0].chunks
     weight, bias = _contiguous_parameter(weight), _contiguous_parameter(bias)
     scale_half, shift_half = split_scale_shift(scale, shift, scale_shift)
     batch, channels = x.shape[:2]
     # Per-row sums of du * xhat and du, the (2, B, 1, C) partial sums of parameter_grads.
     row_sums = torch.empty(2, batch, 1, channels, device=x.device, dtype=torch.float32)
     sum_du_xhat, sum_du = row_sums
-    partial_du_xhat, partial_du = torch.empty(2, plan.chunks if plan.chunks > 1 else 0, batch * channels,
-                                              device=x.device, dtype=torch.float32)
+    partial_du_xhat, partial_du = torch.empty(2, chunks if chunks > 1 else 0, batch * channels, device=x.device,
+                                              dtype=torch.float32)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     parameter_pointers, scale_shift_strides, dtype_codes = parameter_arguments(mean, (weight, bias),
                                                                               (scale_half, shift_half))
@@ -740,7 +790,7 @@ def group_norm_backward(grad_y, x, weight, bias, groups, scale, shift, silu, mea
         *runtime_flags(weight is not None, bias is not None, scale_half is not None, shift_half is not None, silu,
                        need_x),
     )
-    _launch(_group_norm_backward_kernel, plan, shape_args[4], args, meta)
+    _launch_fastest(_group_norm_backward_kernel, plans, x, groups, shape_args[4], args, meta)
     parameter_grads_ = parameter_grads(row_sums, weight, bias, scale, shift, scale_shift, need_parameters)
     return (grad_x, *parameter_grads_)
 

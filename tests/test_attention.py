@@ -18,6 +18,7 @@ from gpu_compile import ARCHS, SHARED_MEMORY_LIMIT, compile_for_archs, configura
 from tolerances import assert_close
 
 import fastunet.kernels.attention as kernel_module
+from fastunet.kernels import tuning
 from fastunet.kernels.attention import attention
 from fastunet.reference import attention as reference_attention
 
@@ -502,8 +503,9 @@ def test_autotune_picks_fastest(monkeypatch):
     assert kernel_module._tuned_config("forward", torch.bfloat16, 32, 256, torch.device("cpu"), None) == \
         kernel_module._INTERPRETER_CONFIG
     monkeypatch.setattr(kernel_module, "INTERPRETING", False)
+    monkeypatch.setattr(tuning, "INTERPRETING", False)
     monkeypatch.setattr(kernel_module, "_device_table", lambda index: kernel_module._SM90_CONFIGS)
-    monkeypatch.setattr(kernel_module, "_TUNED", {})
+    monkeypatch.setattr(tuning, "_FASTEST", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     timed = []
     fake_times = {}  # the last candidate is the fastest

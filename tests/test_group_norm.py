@@ -15,7 +15,7 @@ import torch
 
 from fastunet import reference
 from fastunet.kernels import group_norm as gn
-from fastunet.kernels import scale_shift_act
+from fastunet.kernels import scale_shift_act, tuning
 from gpu_compile import assert_every_config_compiles_cleanly
 from tolerances import assert_close, assert_sum_close
 
@@ -326,6 +326,83 @@ def test_persistent_grid_takes_balanced_rounds(backward):
         rounds = -(-packs // plan.programs)
         assert plan.programs <= packs and rounds <= -(-packs // 132), (batch, side, channels, plan)
         assert plan.programs == 1 or -(-packs // (plan.programs - 1)) > rounds, (batch, side, channels, plan)
+
+
+def test_plan_candidates():
+    """Where the persistent programs hold more than the L2 budget between their passes, the same packs in one more
+    round each, down to the first within the budget, are timed against the planned grid (kernels/tuning.py)."""
+    h100 = dict(num_sms=132, l2_bytes=50 << 20)
+    budget = 0.75 * (50 << 20)
+    # The headline backward: 256 packs of 512 KB (x and dy); 2, 3 and 4 rounds.
+    candidates = gn.plan_candidates(32, 64, 128 * 128, 8, False, True, 2, **h100, backward=True)
+    assert [plan.programs for plan in candidates] == [128, 86, 64]
+    assert all(replace_programs(plan) == replace_programs(candidates[0]) for plan in candidates)
+    assert candidates[-1].programs * 512 * 1024 <= budget < candidates[-2].programs * 512 * 1024
+    # Within the budget already (the forward's 256 KB packs), or split across programs: nothing to time.
+    assert len(gn.plan_candidates(32, 64, 128 * 128, 8, False, True, 2, **h100)) == 1
+    assert len(gn.plan_candidates(1, 64, 128 * 128, 8, False, True, 2, **h100, backward=True)) == 1
+    assert len(gn.plan_candidates(32, 256, 32 * 32, 8, False, True, 2, **h100, backward=True)) == 1
+
+
+def replace_programs(plan):
+    return dataclasses.replace(plan, programs=0)
+
+
+# (4, 16, 16, 16) bf16, G=4 planned for 4 SMs and 8 KB of L2: 8 packs of two groups (8 KB each with dy), 4
+# programs in 2 rounds, then 3, 2 and 1 program (3, 4 and 8 rounds), all candidates to time.
+SMALL_LIMITS = dict(num_sms=4, l2_bytes=8 << 10)
+
+
+def test_timed_candidates_give_the_same_bits(device):
+    """A pack is computed by one program whatever the program count: every candidate's forward and gradients are
+    bitwise equal, so timing them changes the speed only."""
+    shape, groups = (4, 16, 16, 16), 4
+    x, weight, bias, scale, shift = make_inputs(shape, groups, torch.bfloat16, device, param_dtype=torch.float32)
+    candidates = gn.plan_candidates(4, 16, 16 * 16, groups, False, True, 2, **SMALL_LIMITS, backward=True)
+    assert candidates == gn.plan_candidates(4, 16, 16 * 16, groups, False, True, 2, **SMALL_LIMITS)
+    assert [plan.programs for plan in candidates] == [4, 3, 2, 1]
+    runs = []
+    for plan in candidates:
+        y, grads, _ = run(lambda *args: _ForcedPlan.apply(*args, plan), x, weight, bias, groups, scale, shift, True)
+        runs.append([y, *grads])
+    for other in runs[1:]:
+        for name, first, second in zip(("y", "dx", "d_weight", "d_bias", "d_scale", "d_shift"), runs[0], other):
+            assert torch.equal(first, second), f"{name} differs between program counts"
+
+
+def test_launcher_runs_the_fastest_candidate(device, monkeypatch):
+    """On a (pretended) GPU the launchers time their candidates at the first call of a shape and launch the fastest
+    from then on; the interpreter runs each timed launch for real here."""
+    import triton.testing
+
+    monkeypatch.setattr(gn, "device_limits", lambda _device: (SMALL_LIMITS["num_sms"], SMALL_LIMITS["l2_bytes"]))
+    monkeypatch.setattr(tuning, "_FASTEST", {})
+    monkeypatch.setattr(tuning, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fake_times = {4: 3.0, 3: 1.0, 2: 2.0, 1: 4.0}  # programs -> ms: three programs are the fastest
+    timed = []
+
+    def fake_do_bench(fn, warmup, rep):
+        plan = fn()
+        timed.append(plan.programs)
+        return fake_times[plan.programs]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    launched = []
+    launch = gn._launch
+    monkeypatch.setattr(gn, "_launch", lambda kernel, plan, *args: launched.append(plan.programs) or
+                        launch(kernel, plan, *args))
+    x, weight, bias, scale, shift = make_inputs((4, 16, 16, 16), 4, torch.bfloat16, device)
+    for call in range(2):
+        timed.clear()
+        launched.clear()
+        y, mean, rstd = gn.group_norm_forward(x, weight, bias, 4, scale, shift, True, 1e-5)
+        # Timed at the first call only: the four candidates, then the fastest launched.
+        assert timed == ([4, 3, 2, 1] if call == 0 else [])
+        assert launched[-1] == 3
+    y_ref, _, _ = gn.group_norm_forward(x, weight, bias, 4, scale, shift, True, 1e-5, plan=gn.plan_candidates(
+        4, 16, 256, 4, False, True, 2, **SMALL_LIMITS)[0])
+    assert torch.equal(y, y_ref)
 
 
 def test_forced_plan_is_checked(device):

@@ -44,8 +44,8 @@ def _group_norm_plan(shape, groups, channels_last, dtype):
     x = torch.empty(shape, device=DEVICE, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    plan, _, _ = gn._prepare_launch(None, (x,), groups, backward=False)
-    return plan
+    plans, _, _ = gn._prepare_launch(None, (x,), groups, backward=False)
+    return plans[0]
 
 
 # Each case in bf16 (the Unet's dtype under autocast); fp16 and fp32 on the first two tiles. Every (tile, dtype) is

@@ -126,7 +126,7 @@ def capture_launches(fn, patches=None, candidate=0, candidates_seen=None):
     def record(self, *args, grid, warmup, **kwargs):
         captured.append(Launch(self, tuple(grid), args, kwargs))
 
-    def choose(key, candidates, launch):
+    def choose(key, candidates, launch, same_bits):
         if candidates_seen is not None:
             candidates_seen.append(len(candidates))
         return candidates[min(candidate, len(candidates) - 1)]

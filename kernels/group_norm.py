@@ -707,8 +707,8 @@ def _launch_fastest(kernel, plans, x, groups, num_packs, args, meta):
     Returns the plan launched."""
     key = ("group_norm", kernel.__name__, x.device.index, tuple(x.shape), groups, x.dtype, tuple(x.stride()),
            tuple(meta.items()))
-    return _launch(kernel, tuning.fastest(key, plans, lambda plan: _launch(kernel, plan, num_packs, args, meta)),
-                   num_packs, args, meta)
+    plan = tuning.fastest(key, plans, lambda plan: _launch(kernel, plan, num_packs, args, meta), same_bits=True)
+    return _launch(kernel, plan, num_packs, args, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -496,8 +496,8 @@ def test_gpu_compile_coverage():
 
 def test_autotune_picks_fastest(monkeypatch):
     """On a Hopper-class device (pretended), the forward and dk/dv configurations are timed once per (device,
-    dtype, head dim, N rounded to a power of two) among _candidates and the fastest kept; the interpreter and a
-    single-candidate key never time anything."""
+    dtype, head dim, N rounded to a power of two) among _candidates and the fastest kept; the interpreter, a
+    single-candidate key and deterministic algorithms never time anything."""
     import triton.testing
 
     assert kernel_module._tuned_config("forward", torch.bfloat16, 32, 256, torch.device("cpu"), None) == \
@@ -531,6 +531,15 @@ def test_autotune_picks_fastest(monkeypatch):
         assert not timed
         kernel_module._tuned_config(kernel, torch.bfloat16, 32, 4096, device, launch)
         assert sorted(timed) == sorted(candidates)
+    # Under deterministic algorithms the table's entry, timed before or not: the candidates differ in their last
+    # bits, so the results must not depend on which won.
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    timed.clear()
+    for kernel in ("forward", "dkdv"):
+        for n in (256, 16384):
+            assert kernel_module._tuned_config(kernel, torch.bfloat16, 32, n, device, launch) == \
+                kernel_module._candidates(90, kernel, torch.bfloat16, 32)[0]
+    assert not timed
     # fp32 and d = 128 have one configuration: nothing is timed.
     timed.clear()
     assert kernel_module._tuned_config("forward", torch.float32, 32, 256, device, None) == \

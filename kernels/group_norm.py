@@ -17,7 +17,7 @@ dx = rstd * (gamma * du - mean_group(gamma * du) - xhat * mean_group(gamma * du 
 gamma = weight * (1 + scale), folded into three per-row coefficients; the parameter gradients come from the
 per-row sums (parameter_grads).
 
-Three regimes, chosen by `plan_group_norm` from the shape (no autotuning):
+Three regimes, chosen by `plan_group_norm` from the shape (only a persistent grid's program count may be timed):
 - many big groups: one program per SM or so, each looping over packs (a persistent grid) in balanced rounds: the
   groups being read at any time (programs x group bytes) stay within L2 where that leaves no SM idle, so phase B
   reads hit L2 and x comes from HBM once. Where they do not (the backward at 128x128, batch 32, keeps 64 MB in

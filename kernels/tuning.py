@@ -46,6 +46,6 @@ def fastest(key, candidates, launch, same_bits):
                                 key=lambda c: do_bench(lambda: launch(c), warmup=WARMUP_MS, rep=MEASURE_MS))
         except torch.cuda.OutOfMemoryError:
             # do_bench flushes L2 through a 256 MB buffer of its own, which a nearly full GPU may not have: keep the
-            # first candidate (the same results) rather than fail the call.
+            # first candidate, as if untimed, rather than fail the call.
             _FASTEST[key] = candidates[0]
     return _FASTEST[key]

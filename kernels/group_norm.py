@@ -21,8 +21,8 @@ Three regimes, chosen by `plan_group_norm` from the shape (only a persistent gri
 - many big groups: one program per SM or so, each looping over packs (a persistent grid) in balanced rounds: the
   groups being read at any time (programs x group bytes) stay within L2 where that leaves no SM idle, so phase B
   reads hit L2 and x comes from HBM once. Where they do not (the backward at 128x128, batch 32, keeps 64 MB in
-  flight), the first call on a GPU times the plan against the same packs in more rounds of fewer programs, down
-  to one within L2 (plan_candidates, kernels/tuning.py), and keeps the fastest;
+  flight), the first call on a GPU times the plan against the same packs in more rounds of fewer programs, toward
+  one within L2 (plan_candidates, kernels/tuning.py), and keeps the fastest;
 - few big groups (B * G < SMs / 2, e.g. batch 1 at 128x128): each pack's pixels are split into chunks across
   programs, in two launches: MODE_STATS writes per-(chunk, row) statistics, MODE_APPLY combines them in chunk
   order (deterministic) and normalizes its chunk;
@@ -617,11 +617,12 @@ def _pack_bytes(groups_per_pack, channels_per_group, pixels, element_size, backw
 def plan_candidates(batch, channels, pixels, groups, channels_last, aligned, element_size, num_sms, l2_bytes,
                     backward=False):
     """The plans a call on the GPU chooses from by timing them (kernels/tuning.py): plan_group_norm's first, then,
-    where its persistent programs hold more than the L2 budget between their passes, the same packs in one more
-    round each (fewer programs, fewer bytes in flight) down to the first that fits the budget. At 128x128, batch
-    32, bf16, on an H100 the backward's 128 programs (64 MB in flight) are timed against 86 (3 rounds, 43 MB) and
-    64 (4 rounds, 32 MB): fewer bytes from HBM against fewer busy SMs, which bench/static_report.py cannot weigh.
-    A pack is computed by one program whatever the count, so every candidate gives the same bits."""
+    while the last one's persistent programs hold more than the L2 budget between their passes, the same packs in
+    one more round (fewer programs, fewer bytes in flight), as long as that keeps at least half the SMs busy (below
+    that the issue time per SM doubles: a sure loss). At 128x128, batch 32, bf16, on an H100 the backward's 128
+    programs (64 MB in flight against 50 MB of L2) are timed against 86 (3 rounds, 43 MB): fewer bytes from HBM
+    against fewer busy SMs, which bench/static_report.py cannot weigh. A pack is computed by one program whatever
+    their number, so every candidate gives the same bits."""
     plan = plan_group_norm(batch, channels, pixels, groups, channels_last, aligned, element_size, num_sms, l2_bytes,
                            backward)
     candidates = [plan]
@@ -630,9 +631,11 @@ def plan_candidates(batch, channels, pixels, groups, channels_last, aligned, ele
     num_packs = batch * groups // plan.groups_per_pack
     pack_bytes = _pack_bytes(plan.groups_per_pack, channels // groups, pixels, element_size, backward)
     rounds = -(-num_packs // plan.programs)
-    while candidates[-1].programs * pack_bytes > _l2_budget(l2_bytes) and candidates[-1].programs > 1:
+    while candidates[-1].programs * pack_bytes > _l2_budget(l2_bytes):
         rounds += 1
         programs = -(-num_packs // rounds)
+        if 2 * programs < num_sms:
+            break
         if programs < candidates[-1].programs:  # a round that changes nothing (more rounds than packs) is skipped
             candidates.append(replace(plan, programs=programs))
     return candidates

@@ -337,7 +337,7 @@ def test_plan_candidates():
     # than half the SMs).
     candidates = gn.plan_candidates(32, 64, 128 * 128, 8, False, True, 2, **h100, backward=True)
     assert [plan.programs for plan in candidates] == [128, 86]
-    assert all(replace_programs(plan) == replace_programs(candidates[0]) for plan in candidates)
+    assert all(_without_programs(plan) == _without_programs(candidates[0]) for plan in candidates)
     # An A100 (108 SMs, 40 MB of L2): 3 and 4 rounds; a 4090 (128 SMs, 72 MB): 2 and 3 rounds, the second within
     # its budget; a 3090 (82 SMs, 6 MB): 4, 5 and 6 rounds, none within its budget, then too few SMs busy.
     for num_sms, l2_mb, programs in ((108, 40, [86, 64]), (128, 72, [128, 86]), (82, 6, [64, 52, 43])):
@@ -350,7 +350,8 @@ def test_plan_candidates():
     assert len(gn.plan_candidates(32, 256, 32 * 32, 8, False, True, 2, **h100, backward=True)) == 1
 
 
-def replace_programs(plan):
+def _without_programs(plan):
+    """The plan but for its program count."""
     return dataclasses.replace(plan, programs=0)
 
 

@@ -44,23 +44,28 @@ def _miss(in_flight, l2_bytes):
     return max(0.0, 1.0 - l2_bytes / in_flight) if in_flight else 0.0
 
 
-def _group_norm_rows(device, batch, channels, side, backward, candidate=0):
-    """The rows of one call with the plan it runs before any timing (candidate 0), and, where the launcher times
-    several (gn.plan_candidates), a row for each other one: "timed candidate", its rounds of packs."""
-    x, weight, bias, scale, shift = _inputs(batch, channels, side)
-    time_mlp = scale._base  # the Unet's call: the two halves of one (B, 2C) tensor, taken whole
+def _group_norm_launches(device, x, weight, bias, time_mlp, backward, candidate=0, candidates_seen=None):
+    """The launches of one GroupNorm call (the Unet's: scale/shift the two halves of one (B, 2C) tensor), with the
+    launcher's `candidate`-th timed plan (report.capture_launches)."""
     patches = {gn: {"device_limits": _device_limits(device)}}
-    candidates = []
     if backward:
-        mean = torch.empty(batch, GROUPS)
-        launches = report.capture_launches(
+        mean = torch.empty(x.shape[0], GROUPS)
+        return report.capture_launches(
             lambda: gn.group_norm_backward(torch.empty_like(x), x, weight, bias, GROUPS, None, None, True, mean,
                                            torch.empty_like(mean), [True, True, True, False, False, True],
-                                           scale_shift=time_mlp), patches, candidate, candidates)
-    else:
-        launches = report.capture_launches(
-            lambda: gn.group_norm_forward(x, weight, bias, GROUPS, None, None, True, 1e-5, scale_shift=time_mlp),
-            patches, candidate, candidates)
+                                           scale_shift=time_mlp), patches, candidate, candidates_seen)
+    return report.capture_launches(
+        lambda: gn.group_norm_forward(x, weight, bias, GROUPS, None, None, True, 1e-5, scale_shift=time_mlp),
+        patches, candidate, candidates_seen)
+
+
+def _group_norm_rows(device, batch, channels, side, backward):
+    """The rows of one call with the plan it runs before any timing, and, where the launcher times several
+    (gn.plan_candidates), a row for each other one: "timed candidate", its rounds of packs."""
+    x, weight, bias, scale, shift = _inputs(batch, channels, side)
+    time_mlp = scale._base  # the Unet's call: the two halves of one (B, 2C) tensor, taken whole
+    candidates = []
+    launches = _group_norm_launches(device, x, weight, bias, time_mlp, backward, candidates_seen=candidates)
     norm_launches = [launch for launch in launches if "group_norm" in launch.kernel.__name__]
     tile_launch = norm_launches[0]
     constants = tile_launch.kwargs
@@ -70,20 +75,18 @@ def _group_norm_rows(device, batch, channels, side, backward, candidate=0):
     minimum = (3 if backward else 2) * x_bytes
     shape = f"{batch}x{channels}x{side}x{side}"
     direction = "bwd" if backward else "fwd"
+
+    def fused_row(label, launch):
+        # One fused launch: each program holds its pack between phase A and phase B.
+        pack_bytes = x_bytes * streams // (batch * GROUPS) * _groups_per_pack(launch)
+        in_flight = min(launch.programs, _num_packs(launch)) * pack_bytes
+        moved = minimum + streams * x_bytes * _miss(in_flight, device.l2_bytes)
+        return report.kernel_row(label, launch, device, tile_elements=tile_elements, elements=x.numel(),
+                                 element_size=x.element_size(), bytes_moved=moved, bytes_minimum=minimum)
+
     rows = []
     if len(norm_launches) == 1:
-        # One fused launch: each program holds its pack between phase A and phase B.
-        pack_bytes = x_bytes * streams // (batch * GROUPS) * _groups_per_pack(tile_launch)
-        in_flight = min(tile_launch.programs, _num_packs(tile_launch)) * pack_bytes
-        moved = minimum + streams * x_bytes * _miss(in_flight, device.l2_bytes)
-        label = f"{direction} {shape}"
-        if candidate:
-            rounds = -(-_num_packs(tile_launch) // tile_launch.programs)
-            label += f" timed candidate, {rounds} rounds"
-        rows.append(report.kernel_row(label, tile_launch, device, tile_elements=tile_elements, elements=x.numel(),
-                                      element_size=x.element_size(), bytes_moved=moved, bytes_minimum=minimum))
-        if candidate:
-            return rows, len(launches)
+        rows.append(fused_row(f"{direction} {shape}", tile_launch))
     else:
         # Split path: launch 1 reads x (and dy) once in its first tile loop; launch 2 re-reads them in its last
         # tile loop and writes the output. The op's minimum is split between them: the reads, then the write.
@@ -96,8 +99,10 @@ def _group_norm_rows(device, batch, channels, side, backward, candidate=0):
                                           element_size=x.element_size(), bytes_moved=moved, bytes_minimum=least,
                                           loops_run=loops))
     rows.extend(_parameter_grads_rows(device, launches, f"{direction} {shape}"))
-    for other in range(1, max(candidates, default=1)):
-        rows.extend(_group_norm_rows(device, batch, channels, side, backward, other)[0])
+    for other in range(1, max(candidates, default=1)):  # only fused plans have other candidates
+        launch = _group_norm_launches(device, x, weight, bias, time_mlp, backward, other)[0]
+        rounds = -(-_num_packs(launch) // launch.programs)
+        rows.append(fused_row(f"{direction} {shape} timed candidate, {rounds} rounds", launch))
     return rows, len(launches)
 
 

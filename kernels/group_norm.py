@@ -701,19 +701,17 @@ def _launch(kernel, plan, num_packs, args, meta):
     else:
         for mode in (MODE_STATS, MODE_APPLY):
             kernel[(num_packs, plan.chunks)](*args, mode.value, **meta)
-    return plan
 
 
 def _launch_fastest(kernel, plans, x, groups, num_packs, args, meta):
     """_launch with the fastest of `plans` for this shape, dtype and layout on x's device (kernels/tuning.py: timed
-    at the first such call where there are several; their kernels only write outputs, the same bits each).
-    Returns the plan launched."""
+    at the first such call where there are several; their kernels only write outputs, the same bits each)."""
     plan = plans[0]
     if len(plans) > 1:  # the key only where there is a choice: most calls have one plan, and launch cost matters
         key = ("group_norm", kernel.__name__, x.device.index, tuple(x.shape), groups, x.dtype, tuple(x.stride()),
                tuple(meta.items()))
         plan = tuning.fastest(key, plans, lambda plan: _launch(kernel, plan, num_packs, args, meta), same_bits=True)
-    return _launch(kernel, plan, num_packs, args, meta)
+    _launch(kernel, plan, num_packs, args, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------

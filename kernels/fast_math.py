@@ -1,9 +1,9 @@
-"""The GPU's one-instruction exp2 and reciprocal for the kernels, with exact forms under the interpreter.
+"""The GPU's fast exp, division and reciprocal for the kernels, with exact forms under the interpreter.
 
-On a GPU, `exp` is ex2.approx.ftz of x * log2(e) (libdevice's exp2: an FMUL and one special-function op) and
-`reciprocal` is rcp.approx.ftz (one special-function op). tl.exp and a division take their full-range forms
-instead: a range test and two rescaling multiplies around every ex2, range tests and rescaling around every rcp
-(bench/static_report.py counts them). Each fast form is within 2 ulp in fp32; what it flushes to zero lies below
+On a GPU, `exp` is ex2.approx.ftz of x * log2(e) (libdevice's exp2: an FMUL and one special-function op),
+`reciprocal` is rcp.approx.ftz (one special-function op) and `divide` is div.approx.ftz (a reciprocal and a
+multiply). tl.exp and a division take their full-range forms instead: a range test and two rescaling multiplies
+around every ex2, range tests and rescaling around every rcp (bench/static_report.py counts them). Each fast form is within 2 ulp in fp32; what it flushes to zero lies below
 1e-38. The interpreter has no libdevice: it evaluates the exact forms.
 """
 
@@ -23,6 +23,14 @@ def exp(x):
     if FAST_MATH:
         return libdevice.exp2(x * LOG2E)
     return tl.exp(x)
+
+
+@triton.jit
+def divide(numerator, denominator):
+    """numerator / denominator, fp32 (FAST_MATH: div.approx.ftz, a reciprocal and a multiply)."""
+    if FAST_MATH:
+        return libdevice.fast_dividef(numerator, denominator)
+    return numerator / denominator
 
 
 @triton.jit

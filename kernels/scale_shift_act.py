@@ -26,13 +26,12 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from fastunet.kernels import INTERPRETING
-from fastunet.kernels.fast_math import FAST_MATH, exp, reciprocal
+from fastunet.kernels.fast_math import FAST_MATH, divide, exp, reciprocal
 
-# The sigmoid of the epilogue on a GPU: the fast exp2 and reciprocal of fastunet.kernels.fast_math and libdevice's
-# fast division (div.approx.ftz), one special-function op each and no range fix-ups, 5 SASS instructions for SiLU
+# The sigmoid of the epilogue on a GPU: the fast exp2, division (div.approx.ftz) and reciprocal of
+# fastunet.kernels.fast_math, one special-function op each and no range fix-ups, 5 SASS instructions for SiLU
 # where tl.sigmoid's full-range forms take 14 (bench/static_report.py). What they flush to zero is a sigmoid below
 # 1e-38 or a 1 - sigmoid below 1e-38, both beyond fp32's precision of the result.
 
@@ -177,14 +176,6 @@ def run_sums(value, BLOCK_ROWS: tl.constexpr, BLOCK_PIXELS: tl.constexpr, VECTOR
 
 
 @triton.jit
-def _divide(numerator, denominator):
-    """numerator / denominator, fp32 (FAST_MATH: div.approx.ftz, a reciprocal and a multiply)."""
-    if FAST_MATH:
-        return libdevice.fast_dividef(numerator, denominator)
-    return numerator / denominator
-
-
-@triton.jit
 def to_float32(x):
     """x as fp32. On the GPU a bf16 pair shares one 32-bit register, and its halves become two fp32 in one
     instruction each (a shift and a mask), where the compiler's conversion takes three per pair (it moves the
@@ -203,7 +194,7 @@ def activation(u, silu):
     SiLU as u / (1 + exp(-u)): u * sigmoid(u) without its multiply; the same at the extremes (-0 below -88, inf at
     inf, NaN at -inf)."""
     if silu:
-        u = _divide(u, 1.0 + exp(-u))
+        u = divide(u, 1.0 + exp(-u))
     return u
 
 
